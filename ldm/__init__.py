@@ -1,0 +1,1 @@
+"""Latent diffusion library: configs, models, diffusion maths, data and text conditioning."""

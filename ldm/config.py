@@ -1,0 +1,278 @@
+"""Typed configuration: model architecture presets and the training run's settings.
+
+Presets are plain factory code (no classes built from strings). `PRESETS[name]` gives the
+architecture; `TrainConfig` holds every flag of `training/train_ldm.py`, whose argparse parser is
+generated from the dataclass so that `--help` always shows the real defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UNetConfig:
+    """diffusers `UNet2DConditionModel`. `cross_attention` says which resolution levels attend to text."""
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    cross_attention: tuple[bool, ...] = (True, True, True, False)
+    layers_per_block: int = 2
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """diffusers `AutoencoderKL`: downsampling factor is 2 ** (len(block_out_channels) - 1)."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """transformers `CLIPTextModel`; `max_length` is the token length (positions) of prompts."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_length: int = 77
+    projection_dim: int = 768
+    vocab_size: int = 49408  # the CLIP BPE vocabulary shipped with open_clip
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The forward process (DDPM, Ho et al. 2020) as diffusers' scheduler config names it."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    resolution: int
+    unet: UNetConfig
+    vae: VAEConfig
+    text: TextEncoderConfig
+    noise: NoiseConfig = NoiseConfig()
+
+
+def _tiny() -> ModelConfig:
+    """CPU-sized model for the default run and every test: 32 px images, 16x16x4 latents."""
+    return ModelConfig(
+        resolution=32,
+        unet=UNetConfig(
+            block_out_channels=(32, 64),
+            cross_attention=(True, True),
+            layers_per_block=1,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
+        vae=VAEConfig(
+            block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+            scaling_factor=1.0,
+        ),
+        text=TextEncoderConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_length=16, projection_dim=64,
+        ),
+    )
+
+
+def _sd15() -> ModelConfig:
+    """Stable Diffusion 1.5: UNet ~860M, f8 VAE ~83M, CLIP ViT-L/14 text encoder ~123M."""
+    return ModelConfig(resolution=512, unet=UNetConfig(), vae=VAEConfig(), text=TextEncoderConfig())
+
+
+PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {"tiny": _tiny, "sd15": _sd15}
+
+
+def model_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------
+# Training run
+# --------------------------------------------------------------------------------------------
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = _help("architecture preset: " + ", ".join(PRESETS), default="tiny")
+    pretrained_model_name_or_path: str | None = _help(
+        "diffusers-layout folder or hub id to start from (all components)", default=None)
+    pretrained_vae_name_or_path: str | None = _help(
+        "diffusers-layout VAE folder (or a pipeline folder with vae/) to use frozen", default=None)
+    train_text_encoder: bool = _help(
+        "train a pretrained text encoder too (one built from scratch is always trained)", default=False)
+    prediction_type: str | None = _help("epsilon | v_prediction (default: the model's own)", default=None)
+    attention_backend: str = _help("auto | sdpa | xformers", default="auto")
+    # data
+    train_data_dir: str | None = _help("image folder with metadata.jsonl (HF imagefolder)", default=None)
+    dataset_name: str | None = _help("HF hub data set name", default=None)
+    image_column: str = _help("image column of the data set", default="image")
+    caption_column: str = _help("caption column of the data set", default="text")
+    resolution: int | None = _help("training resolution (default: the preset's)", default=None)
+    center_crop: bool = _help("center crop instead of random crop", default=True)
+    random_flip: bool = _help("random horizontal flip (off: flips swap left/right in captions)",
+                              default=False)
+    caption_dropout: float = _help("probability of an empty caption (classifier-free guidance)",
+                                   default=0.1)
+    builtin_num_images: int = _help("size of the built-in synthetic data set (no data flags)",
+                                    default=2048)
+    max_train_samples: int | None = _help("use only the first N samples", default=None)
+    dataloader_num_workers: int = _help("data loader worker processes", default=0)
+    # optimisation
+    train_batch_size: int = _help("batch size per process", default=32)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
+    max_train_steps: int = _help("optimizer steps", default=400)
+    learning_rate: float = _help("peak learning rate", default=1e-3)
+    text_encoder_lr: float | None = _help("text encoder learning rate (default: learning_rate)",
+                                          default=None)
+    lr_scheduler: str = _help("constant | constant_with_warmup | linear | cosine | ...",
+                              default="cosine")
+    lr_warmup_steps: int = _help("warm-up steps", default=50)
+    adam_beta1: float = _help("AdamW beta1", default=0.9)
+    adam_beta2: float = _help("AdamW beta2", default=0.999)
+    adam_weight_decay: float = _help("AdamW weight decay", default=1e-2)
+    max_grad_norm: float = _help("gradient clipping norm", default=1.0)
+    mixed_precision: str | None = _help("no | fp16 | bf16 (default: accelerate config)", default=None)
+    gradient_checkpointing: bool = _help("trade compute for memory", default=False)
+    use_ema: bool = _help("keep an EMA of the weights and save it", default=True)
+    ema_decay: float = _help("EMA decay (with warm-up)", default=0.999)
+    seed: int = _help("seed of weights, data order and noise", default=0)
+    # outputs
+    output_dir: str = _help("where the pipeline, logs and checkpoints go", default="outputs/ldm")
+    checkpointing_steps: int = _help("save a resumable checkpoint every N steps (0: never)",
+                                     default=200)
+    checkpoints_total_limit: int | None = _help("keep at most N checkpoints", default=2)
+    resume_from_checkpoint: str | None = _help("a checkpoint folder or 'latest'", default=None)
+    validation_prompts: list[str] = _help(
+        "prompts for the validation grid",
+        default_factory=lambda: ["a red circle", "a blue square", "a green triangle",
+                                 "a yellow circle on the left"])
+    validation_steps: int = _help("validation grid every N steps (0: only at the end)", default=200)
+    num_validation_images: int = _help("images per validation prompt", default=2)
+    validation_inference_steps: int = _help("sampler steps for validation", default=25)
+    validation_guidance_scale: float = _help("CFG scale for validation", default=4.0)
+    sampler: str = _help("scheduler saved with the pipeline: ddpm | ddim | dpm++ | euler | ...",
+                         default="dpm++")
+    report_to: str = _help("tensorboard | none", default="tensorboard")
+    config: str | None = _help("YAML file of these same keys (flags given win)", default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _arg_type(tp: Any) -> tuple[Any, bool]:
+    """(argparse type, is_list) from a dataclass annotation such as `int | None`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    if typing.get_origin(base) is list:
+        return typing.get_args(base)[0], True
+    return base, False
+
+
+def _str2bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def build_parser(cls: type = TrainConfig) -> argparse.ArgumentParser:
+    """One flag per dataclass field. Booleans take `--flag` / `--no-flag`."""
+    parser = argparse.ArgumentParser(
+        description="Train a text-to-image latent diffusion model (run with `accelerate launch`).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, is_list = _arg_type(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        flag = "--" + f.name
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(flag, type=tp, nargs="+" if is_list else None, **kw)
+        # ArgumentDefaultsHelpFormatter reads .default; show the real default but keep SUPPRESS
+        # so that we can tell which flags were actually given (they override --config).
+        parser._actions[-1].help = f"{kw['help']} (default: {default})"
+    return parser
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of TrainConfig keys, got {type(data).__name__}")
+    return data
+
+
+def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
+    """defaults < YAML (`--config`) < flags given on the command line."""
+    given = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    if given.get("config"):
+        values.update(load_yaml(given["config"]))
+    values.update(given)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown} (in {given.get('config')})")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    model_preset(cfg.preset)
+    if cfg.train_data_dir and cfg.dataset_name:
+        raise ValueError("give --train_data_dir or --dataset_name, not both")
+    if cfg.train_data_dir and not Path(cfg.train_data_dir).is_dir():
+        raise FileNotFoundError(f"--train_data_dir {cfg.train_data_dir!r} is not a directory")
+    if cfg.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ValueError(f"--prediction_type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
+    if not 0.0 <= cfg.caption_dropout < 1.0:
+        raise ValueError(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.attention_backend not in ("auto", "sdpa", "xformers"):
+        raise ValueError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a dataclass (TrainConfig or ModelConfig) as YAML that `--config` reads back."""
+    data = dataclasses.asdict(cfg)
+    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False))

@@ -1,0 +1,96 @@
+"""Captioned image data through HF `datasets`: an image folder, a hub data set, or the built-in one."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+logger = logging.getLogger(__name__)
+
+
+def load_captioned_dataset(*, train_data_dir: str | None, dataset_name: str | None,
+                           image_column: str, caption_column: str, builtin_num_images: int,
+                           resolution: int, seed: int, cache_dir: str | None = None):
+    """A `datasets.Dataset` with columns `image_column` and `caption_column`.
+
+    train_data_dir: a folder in the HF imagefolder layout (images + metadata.jsonl / .csv with a
+        `file_name` column). dataset_name: a hub data set (needs network). Neither: the built-in
+        synthetic shapes set.
+    """
+    from datasets import load_dataset
+
+    if train_data_dir:
+        ds = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+        source = train_data_dir
+    elif dataset_name:
+        ds = load_dataset(dataset_name, cache_dir=cache_dir, split="train")
+        source = dataset_name
+    else:
+        from ldm.synthetic import make_dataset
+
+        ds = make_dataset(builtin_num_images, resolution, seed)
+        source, image_column, caption_column = "built-in shapes", "image", "text"
+    for column in (image_column, caption_column):
+        if column not in ds.column_names:
+            raise ValueError(f"{source}: no column {column!r}; columns are {ds.column_names} "
+                             f"(set --image_column / --caption_column)")
+    if image_column != "image" or caption_column != "text":
+        ds = ds.select_columns([image_column, caption_column])
+        ds = ds.rename_columns({image_column: "image", caption_column: "text"})
+    logger.info("data: %d examples from %s", len(ds), source)
+    return ds
+
+
+def image_transform(resolution: int, center_crop: bool, random_flip: bool) -> transforms.Compose:
+    """PIL -> (3, R, R) float in [-1, 1]: resize the short side, crop, optional flip."""
+    return transforms.Compose([
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+        transforms.RandomHorizontalFlip() if random_flip else transforms.Lambda(lambda x: x),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])
+
+
+def pick_caption(value: Any, rng: random.Random) -> str:
+    """A caption cell may hold one string or several (one is picked at random per use)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return rng.choice(list(value))
+    raise ValueError(f"caption must be a string or a list of strings, got {value!r}")
+
+
+def make_batch_transform(resolution: int, center_crop: bool, random_flip: bool, seed: int):
+    """For `Dataset.with_transform`: {'image': [...], 'text': [...]} -> pixel_values + captions."""
+    tf = image_transform(resolution, center_crop, random_flip)
+    rng = random.Random(seed)
+
+    def apply(batch: dict[str, list]) -> dict[str, list]:
+        pixels = [tf(to_rgb(img)) for img in batch["image"]]
+        return {"pixel_values": pixels, "text": [pick_caption(c, rng) for c in batch["text"]]}
+
+    return apply
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with transparency composited on white (not on black, which RGBA->RGB would give)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).float(),  # (B, 3, R, R)
+        "text": [e["text"] for e in examples],
+    }

@@ -1,0 +1,121 @@
+"""Diffusion maths as small pure functions of tensors.
+
+Notation (Ho et al. 2020, "DDPM"; Salimans & Ho 2022, "Progressive Distillation"):
+    alpha_bar_t = prod_{s<=t} (1 - beta_s)
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps                    (DDPM eq. 4)
+    v_t = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0                    (PD sec. 4)
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t)
+Nothing here holds state, picks a device, or changes an argument in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+# ------------------------------------------------------------------------------- schedules
+def make_betas(schedule: str, num_timesteps: int, beta_start: float = 0.00085,
+               beta_end: float = 0.012) -> torch.Tensor:
+    """(T,) float64 betas, named as in diffusers' DDPMScheduler."""
+    if schedule == "linear":  # DDPM
+        return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    if schedule == "scaled_linear":  # LDM / Stable Diffusion: linear in sqrt(beta)
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+    if schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999
+        return betas_from_alpha_bar(cosine_alpha_bar, num_timesteps)
+    raise ValueError(f"unknown beta schedule {schedule!r}")
+
+
+def cosine_alpha_bar(t: float, s: float = 0.008) -> float:
+    """f(t) = cos^2(((t + s) / (1 + s)) * pi / 2) for t in [0, 1] (Nichol & Dhariwal eq. 17)."""
+    return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+
+
+def betas_from_alpha_bar(alpha_bar, num_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """beta_i = 1 - alpha_bar((i+1)/T) / alpha_bar(i/T), clipped (Nichol & Dhariwal eq. 18)."""
+    betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+             for i in range(num_timesteps)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """(T,) alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) (Kingma et al. 2021)."""
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+# ------------------------------------------------------------------------------- forward process
+def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, 1) in `like`'s dtype, for broadcasting against (B, C, H, W)."""
+    return coef.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def gather(alpha_bar: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """alpha_bar_t for each sample: (T,), (B,) long -> (B,)."""
+    return alpha_bar.to(timesteps.device)[timesteps]
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a) x_0 + sqrt(1 - a) eps, with a = alpha_bar_t of shape (B,)."""
+    a = _per_sample(alpha_bar_t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho 2022)."""
+    a = _per_sample(alpha_bar_t, x0)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def training_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor,
+                    alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """What the network is trained to output at x_t."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return velocity(x0, noise, alpha_bar_t)
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
+def to_x0_and_eps(prediction_type: str, model_output: torch.Tensor, x_t: torch.Tensor,
+                  alpha_bar_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert a prediction at x_t into (x_0, eps). Inverse of `add_noise` + `training_target`."""
+    a = _per_sample(alpha_bar_t, x_t)
+    sa, s1a = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        eps = model_output
+        return (x_t - s1a * eps) / sa, eps
+    if prediction_type == "v_prediction":
+        # x_0 = sqrt(a) x_t - sqrt(1-a) v ;  eps = sqrt(1-a) x_t + sqrt(a) v
+        return sa * x_t - s1a * model_output, s1a * x_t + sa * model_output
+    if prediction_type == "sample":
+        x0 = model_output
+        return x0, (x_t - sa * x0) / s1a
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
+# ------------------------------------------------------------------------------- guidance
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + s (cond - uncond) over every channel (Ho & Salimans 2022, eq. 6).
+    s = 0 gives the unconditional output, s = 1 the conditional one."""
+    return uncond + scale * (cond - uncond)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), eq. 15-16:
+    match the per-sample std of the guided prediction to the conditional one, then mix by phi."""
+    if rescale == 0.0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1.0 - rescale) * guided

@@ -1,0 +1,155 @@
+"""The thin boundary to diffusers / transformers: build components from a preset, or load them.
+
+Everything returned is a stock diffusers / transformers module, so a folder we save is a
+Stable Diffusion folder and a Stable Diffusion folder is ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.config import ModelConfig, NoiseConfig, UNetConfig, VAEConfig
+from ldm.text import build_clip_tokenizer, build_text_encoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    text_encoder_pretrained: bool = False
+
+
+def build_unet(cfg: UNetConfig, *, in_channels: int, sample_size: int,
+               cross_attention_dim: int) -> UNet2DConditionModel:
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attention))
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def build_vae(cfg: VAEConfig, sample_size: int) -> AutoencoderKL:
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=sample_size,
+        scaling_factor=cfg.scaling_factor,
+    )
+
+
+def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
+    """The training-time forward process. Its config is what every sampler is built from."""
+    scheduler = DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    # DDIM / PNDM built from this config use alpha_bar_prev = alpha_bar_0 at the last step, as
+    # Stable Diffusion's scheduler config does (DDPM itself has no such option).
+    scheduler.register_to_config(set_alpha_to_one=False)
+    return scheduler
+
+
+def build_components(cfg: ModelConfig, seed: int | None = None) -> Components:
+    """All components with random weights (seeded when `seed` is given)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    latent_size = cfg.resolution // cfg.vae.downsample_factor
+    return Components(
+        vae=build_vae(cfg.vae, cfg.resolution),
+        text_encoder=build_text_encoder(cfg.text),
+        tokenizer=build_clip_tokenizer(cfg.text.max_length),
+        unet=build_unet(cfg.unet, in_channels=cfg.vae.latent_channels, sample_size=latent_size,
+                        cross_attention_dim=cfg.text.hidden_size),
+        noise_scheduler=build_noise_scheduler(cfg.noise),
+    )
+
+
+def _subfolder(path: str, name: str) -> dict:
+    """Load `name` from a pipeline folder (or hub repo) when it has one, else treat `path` as
+    the component's own folder."""
+    local = Path(path)
+    if local.is_dir() and not (local / name).is_dir():
+        return {}
+    return {"subfolder": name}
+
+
+def load_vae(path: str) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(path, **_subfolder(path, "vae"))
+
+
+def load_pretrained(path: str) -> Components:
+    """Every component from a diffusers-layout folder or hub id (model_index.json layout)."""
+    vae = load_vae(path)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    sched_cfg = DDPMScheduler.load_config(path, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_config(sched_cfg)
+    return Components(vae, text_encoder, tokenizer, unet, noise_scheduler, text_encoder_pretrained=True)
+
+
+def components_for_training(cfg: ModelConfig, *, pretrained: str | None, pretrained_vae: str | None,
+                            prediction_type: str | None, seed: int) -> Components:
+    """Pretrained where asked, random (seeded) elsewhere; the noise scheduler's prediction type
+    set to the one we train."""
+    if pretrained:
+        comps = load_pretrained(pretrained)
+    else:
+        comps = build_components(cfg, seed=seed)
+    if pretrained_vae:
+        comps.vae = load_vae(pretrained_vae)
+        expected = cfg.vae.latent_channels if not pretrained else comps.unet.config.in_channels
+        if comps.vae.config.latent_channels != expected:
+            raise ValueError(
+                f"VAE at {pretrained_vae} has {comps.vae.config.latent_channels} latent channels, "
+                f"the U-Net expects {expected}")
+        if not pretrained:  # the U-Net's latent size follows the VAE's real downsampling factor
+            factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+            torch.manual_seed(seed)
+            comps.unet = build_unet(cfg.unet, in_channels=expected, sample_size=cfg.resolution // factor,
+                                    cross_attention_dim=cfg.text.hidden_size)
+    if prediction_type and prediction_type != comps.noise_scheduler.config.prediction_type:
+        comps.noise_scheduler = DDPMScheduler.from_config(comps.noise_scheduler.config,
+                                                          prediction_type=prediction_type)
+    return comps
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def with_resolution(cfg: ModelConfig, resolution: int | None) -> ModelConfig:
+    return cfg if resolution is None else replace(cfg, resolution=resolution)

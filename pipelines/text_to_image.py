@@ -1,0 +1,202 @@
+"""Text-to-image sampling with classifier-free guidance.
+
+A diffusers `DiffusionPipeline`, so `from_pretrained` / `save_pretrained` / `to()` / progress
+bars / offloading come from diffusers. The folder it saves says `StableDiffusionPipeline` in
+`model_index.json`, so `diffusers.DiffusionPipeline.from_pretrained(folder)` elsewhere loads it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.diffusion import classifier_free_guidance, rescale_guidance
+from ldm.schedulers import make_sampler
+from ldm.text import encode_tokens, tokenize
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class TextToImageOutput(BaseOutput):
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class TextToImagePipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 unet: UNet2DConditionModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ------------------------------------------------------------------ conveniences
+    def set_sampler(self, name: str) -> "TextToImagePipeline":
+        """Swap the scheduler for another diffusers sampler on the same noise schedule:
+        ddpm, ddim, dpm++, euler, euler_a, pndm, unipc."""
+        self.scheduler = make_sampler(name, self.scheduler.config)
+        return self
+
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs):
+        """diffusers layout, safetensors. `model_index.json` names StableDiffusionPipeline (with no
+        safety checker) so the rest of the ecosystem loads the folder; the tokenizer folder also
+        gets `vocab.json` / `merges.txt` for tokenizer libraries that do not read tokenizer.json."""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = "StableDiffusionPipeline"
+        index.setdefault("safety_checker", [None, None])
+        index.setdefault("feature_extractor", [None, None])
+        index.setdefault("image_encoder", [None, None])
+        index["requires_safety_checker"] = False
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_bpe_files(Path(save_directory) / "tokenizer")
+
+    # ------------------------------------------------------------------ steps of __call__
+    def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """(B,) prompts -> (B, L, D) text embeddings."""
+        ids = tokenize(self.tokenizer, prompts)
+        embeds = encode_tokens(self.text_encoder, ids.to(device))
+        return embeds.to(dtype=self.text_encoder.dtype, device=device)
+
+    def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs: dict[str, Any] = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+    ) -> TextToImageOutput | tuple:
+        """Generate images.
+
+        generator: one generator, or a list with one per image (B * num_images_per_prompt);
+            with a list, each image depends only on its own generator, not on the batch size.
+        guidance_scale: classifier-free guidance s; 1 gives the conditional model alone.
+        guidance_rescale: phi of Lin et al. 2023 (0 disables).
+        callback_on_step_end(pipe, step_index, timestep, {name: tensor}) -> dict of replacements,
+            as in diffusers; tensors named in callback_on_step_end_tensor_inputs ("latents",
+            "prompt_embeds", "noise_pred").
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is empty")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        batch = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images "
+                             f"({len(prompts)} prompts x {num_images_per_prompt})")
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, "
+                             f"got {height}x{width}")
+        device = self._execution_device
+        do_cfg = guidance_scale != 1.0
+
+        # 1. Text: (B*N, L, D), unconditional first when guiding (one U-Net call per step).
+        cond = self.encode_prompt(prompts, device).repeat_interleave(num_images_per_prompt, dim=0)
+        prompt_embeds = cond
+        if do_cfg:
+            uncond = self.encode_prompt(negatives, device).repeat_interleave(num_images_per_prompt, dim=0)
+            prompt_embeds = torch.cat([uncond, cond])
+
+        # 2. Initial noise x_T ~ N(0, sigma_max^2): (B*N, C, H/f, W/f).
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        else:
+            latents = latents.to(device=device, dtype=prompt_embeds.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        # 3. Reverse process.
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                model_in = torch.cat([latents] * 2) if do_cfg else latents
+                model_in = self.scheduler.scale_model_input(model_in, t)
+                noise_pred = self.unet(model_in, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                if do_cfg:
+                    pred_uncond, pred_cond = noise_pred.chunk(2)
+                    noise_pred = classifier_free_guidance(pred_uncond, pred_cond, guidance_scale)
+                    noise_pred = rescale_guidance(noise_pred, pred_cond, guidance_rescale)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    named = {"latents": latents, "prompt_embeds": prompt_embeds, "noise_pred": noise_pred}
+                    out = callback_on_step_end(self, i, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = out.pop("latents", latents)
+                    prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
+                progress.update()
+
+        # 4. Decode: x = D(z / scaling_factor), in [-1, 1].
+        if output_type == "latent":
+            images = latents
+        else:
+            z = latents / self.vae.config.scaling_factor
+            decoded = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return TextToImageOutput(images=images)
+
+
+def write_bpe_files(tokenizer_dir: Path) -> None:
+    """Write vocab.json and merges.txt from tokenizer.json (BPE models) if they are missing."""
+    tok_json = tokenizer_dir / "tokenizer.json"
+    if not tok_json.exists() or (tokenizer_dir / "vocab.json").exists():
+        return
+    model = json.loads(tok_json.read_text(encoding="utf-8")).get("model", {})
+    if model.get("type") != "BPE":
+        return
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -1,0 +1,280 @@
+"""Train a text-to-image latent diffusion model (Rombach et al. 2022) with Accelerate.
+
+    accelerate launch --config_file accelerate_config.yaml training/train_ldm.py [--flags]
+
+Read top to bottom: config -> models -> data -> optimizer -> loop (encode, noise, predict,
+loss, step, EMA, log, checkpoint, validate) -> save the pipeline in diffusers layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch training/train_ldm.py` runs this as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ldm import checkpoint as ckpt
+from ldm.attention import configure_attention
+from ldm.config import TrainConfig, model_preset, resolve_train_config, save_config
+from ldm.data import collate, load_captioned_dataset, make_batch_transform
+from ldm.diffusion import add_noise, gather, training_target
+from ldm.images import image_grid
+from ldm.models import components_for_training, count_parameters, with_resolution
+from ldm.schedulers import make_sampler
+from ldm.text import drop_captions, encode_tokens, tokenize
+from pipelines import TextToImagePipeline
+
+logger = get_logger("train_ldm")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg: TrainConfig = resolve_train_config(argv)
+    model_cfg = with_resolution(model_preset(cfg.preset), cfg.resolution)
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # Same shuffled order on every process (each takes its own shard), reseeded per epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("httpx", "datasets", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "train_config.yaml")
+        save_config(model_cfg, out / "model_config.yaml")
+    logger.info("processes: %d, device: %s, mixed precision: %s", accelerator.num_processes,
+                accelerator.device, accelerator.mixed_precision)
+
+    # ---------------------------------------------------------------- 1. models
+    set_seed(cfg.seed)  # same initial weights on every process
+    comps = components_for_training(model_cfg, pretrained=cfg.pretrained_model_name_or_path,
+                                    pretrained_vae=cfg.pretrained_vae_name_or_path,
+                                    prediction_type=cfg.prediction_type, seed=cfg.seed)
+    vae, text_encoder, tokenizer, unet = comps.vae, comps.text_encoder, comps.tokenizer, comps.unet
+    noise_scheduler = comps.noise_scheduler
+    prediction_type = noise_scheduler.config.prediction_type
+    # A text encoder built from scratch is trained jointly (as in the LDM paper); a pretrained
+    # one stays frozen unless --train_text_encoder.
+    train_te = cfg.train_text_encoder or not comps.text_encoder_pretrained
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(train_te)
+    unet.train()
+    text_encoder.train(train_te)
+    configure_attention([unet, vae], cfg.attention_backend, accelerator.device)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+    logger.info("parameters: unet %.2fM, vae %.2fM (frozen), text encoder %.2fM (%s); prediction: %s",
+                count_parameters(unet) / 1e6, count_parameters(vae) / 1e6,
+                count_parameters(text_encoder) / 1e6, "trained" if train_te else "frozen", prediction_type)
+    ema_models = {"unet": unet, "text_encoder": text_encoder} if train_te else {"unet": unet}
+    emas = {name: EMAModel(m.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+            for name, m in ema_models.items()} if cfg.use_ema else {}
+
+    # ---------------------------------------------------------------- 2. data
+    resolution = model_cfg.resolution
+    dataset = load_captioned_dataset(
+        train_data_dir=cfg.train_data_dir, dataset_name=cfg.dataset_name, image_column=cfg.image_column,
+        caption_column=cfg.caption_column, builtin_num_images=cfg.builtin_num_images,
+        resolution=resolution, seed=cfg.seed, cache_dir=None)
+    if cfg.max_train_samples:
+        dataset = dataset.select(range(min(cfg.max_train_samples, len(dataset))))
+    dataset = dataset.with_transform(make_batch_transform(resolution, cfg.center_crop, cfg.random_flip, cfg.seed))
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
+        num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+
+    # ---------------------------------------------------------------- 3. optimizer
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    if train_te:
+        groups.append({"params": list(text_encoder.parameters()),
+                       "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay)
+    # The prepared scheduler steps once per process per optimizer step, hence the factor.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        unet, text_encoder, optimizer, dataloader, lr_scheduler)
+    # Frozen parts in the compute dtype; the VAE stays float32 under fp16 (SD's VAE overflows).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device)
+    if weight_dtype == torch.bfloat16:
+        vae.to(dtype=torch.bfloat16)
+    if not train_te:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    for ema in emas.values():
+        ema.to(accelerator.device)
+    alpha_bar = noise_scheduler.alphas_cumprod.to(accelerator.device)  # (T,)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    steps_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
+    num_epochs = math.ceil(cfg.max_train_steps / steps_per_epoch)
+
+    # ---------------------------------------------------------------- 4. resume
+    global_step = 0
+    resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
+    if resume is not None:
+        global_step, path = resume
+        accelerator.load_state(str(path))
+        for name, ema in emas.items():
+            ckpt.load_ema(ema, path / f"ema_{name}.safetensors")
+        logger.info("resumed from %s (step %d)", path, global_step)
+    elif cfg.resume_from_checkpoint:
+        logger.info("no complete checkpoint under %s; starting from scratch", out)
+    first_epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
+    # Noise, timesteps and caption dropout draw from the global RNG, one stream per process;
+    # accelerate saves and restores it with every checkpoint.
+    if resume is None:
+        set_seed(cfg.seed, device_specific=True)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_ldm", config={k: v for k, v in cfg.to_dict().items()
+                                                        if isinstance(v, (int, float, str, bool))})
+
+    def save_checkpoint(step: int) -> None:
+        final = ckpt.checkpoint_dir(out, step)
+        tmp = ckpt.temp_dir(final)
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)  # a leftover from a run killed mid-save
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            for name, ema in emas.items():
+                ckpt.save_ema(ema, tmp / f"ema_{name}.safetensors")
+            ckpt.commit(final, step)
+            removed = ckpt.rotate(out, cfg.checkpoints_total_limit)
+            logger.info("saved %s%s", final, f", removed {[p.name for p in removed]}" if removed else "")
+        accelerator.wait_for_everyone()
+
+    def build_pipeline() -> TextToImagePipeline:
+        pipe = TextToImagePipeline(vae=vae, text_encoder=accelerator.unwrap_model(text_encoder),
+                                   tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+                                   scheduler=make_sampler(cfg.sampler, noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def validate(step: int) -> None:
+        """A grid of validation prompts with the EMA weights (rows: prompts)."""
+        if not accelerator.is_main_process or not cfg.validation_prompts:
+            return
+        for name, ema in emas.items():
+            ema.store(ema_models[name].parameters())
+            ema.copy_to(ema_models[name].parameters())
+        pipe = build_pipeline()
+        n = cfg.num_validation_images
+        gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts) * n)]
+        with torch.autocast(accelerator.device.type, enabled=weight_dtype != torch.float32, dtype=weight_dtype):
+            images = pipe(cfg.validation_prompts, num_images_per_prompt=n, generator=gens,
+                          num_inference_steps=cfg.validation_inference_steps,
+                          guidance_scale=cfg.validation_guidance_scale, height=resolution, width=resolution).images
+        for name, ema in emas.items():
+            ema.restore(ema_models[name].parameters())
+        (out / "samples").mkdir(exist_ok=True)
+        grid = image_grid(images, cols=n)
+        grid.save(out / "samples" / f"step_{step:06d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+
+    # ---------------------------------------------------------------- 5. train
+    logger.info("training: %d examples, %d steps, global batch %d, %d epochs", len(dataset),
+                cfg.max_train_steps, cfg.train_batch_size * accelerator.num_processes *
+                cfg.gradient_accumulation_steps, num_epochs)
+    progress = tqdm(range(cfg.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    loss_sum, loss_count, loss = torch.zeros((), device=accelerator.device), 0, torch.zeros(())
+    for epoch in range(first_epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(dataloader, skip_batches)
+        for batch in batches:
+            with accelerator.accumulate(unet, text_encoder):
+                with torch.no_grad():  # z = E(x) * scaling_factor: (B, C, H/f, W/f)
+                    pixels = batch["pixel_values"].to(accelerator.device, dtype=vae.dtype)
+                    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                    latents = latents.float()
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
+                a_t = gather(alpha_bar, timesteps)  # (B,)
+                noisy = add_noise(latents, noise, a_t)  # x_t, DDPM eq. 4
+                captions = drop_captions(batch["text"], cfg.caption_dropout, generator=None)
+                ids = tokenize(tokenizer, captions).to(accelerator.device)
+                with torch.set_grad_enabled(train_te):
+                    context = encode_tokens(text_encoder, ids)  # (B, L, D)
+                pred = unet(noisy, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+                target = training_target(prediction_type, latents, noise, a_t)
+                loss = F.mse_loss(pred.float(), target.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            loss_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            for name, ema in emas.items():
+                ema.step(ema_models[name].parameters())
+            global_step += 1
+            step_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
+            loss_sum.zero_()
+            loss_count = 0
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if cfg.validation_steps and global_step % cfg.validation_steps == 0:
+                validate(global_step)
+            if global_step >= cfg.max_train_steps:
+                break
+        if global_step >= cfg.max_train_steps:
+            break
+    progress.close()
+
+    # ---------------------------------------------------------------- 6. save the pipeline
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if not cfg.validation_steps or global_step % cfg.validation_steps:
+            validate(global_step)
+        for name, ema in emas.items():  # the saved model holds the EMA weights
+            ema.copy_to(ema_models[name].parameters())
+        build_pipeline().save_pretrained(out)
+        (out / "run_info.json").write_text(json.dumps({
+            "global_step": global_step, "num_processes": accelerator.num_processes,
+            "final_loss": step_loss if global_step else None, "prediction_type": prediction_type,
+            "torch": torch.__version__}, indent=2) + "\n")
+        logger.info("saved pipeline to %s", out)
+    accelerator.end_training()
+    return out
+
+
+if __name__ == "__main__":
+    main()
