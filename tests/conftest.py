@@ -1,0 +1,55 @@
+"""Tiny components built by the tests themselves (no hub access), shared across the suite."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    from ldm.config import model_preset
+    from ldm.models import build_components
+
+    return build_components(model_preset("tiny"), seed=0)
+
+
+def make_pipeline(components, sampler: str = "ddim"):
+    from ldm.schedulers import make_sampler
+    from pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline(vae=components.vae, text_encoder=components.text_encoder,
+                               tokenizer=components.tokenizer, unet=components.unet,
+                               scheduler=make_sampler(sampler, components.noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture()
+def tiny_pipe(tiny_components):
+    return make_pipeline(tiny_components)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tiny_components, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_pipeline")
+    make_pipeline(tiny_components, "dpm++").save_pretrained(folder)
+    return folder

@@ -1,0 +1,160 @@
+"""TextToImagePipeline: outputs, guidance wiring, generators, samplers, callbacks, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import make_pipeline
+from ldm.schedulers import SAMPLERS
+from pipelines import TextToImagePipeline
+
+STEPS = 4
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_pil_images_from_the_documented_call(tiny_pipe):
+    images = tiny_pipe("a red circle", negative_prompt=None, num_inference_steps=30, guidance_scale=5.0,
+                       height=32, width=32, num_images_per_prompt=4, generator=gen(0)).images
+    assert len(images) == 4
+    assert all(isinstance(im, PIL.Image.Image) and im.size == (32, 32) for im in images)
+
+
+def test_prompt_list_and_output_types(tiny_pipe):
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2)
+    arr = tiny_pipe(prompts, output_type="np", generator=gen(0), **kw).images
+    assert arr.shape == (6, 32, 32, 3) and arr.dtype == np.float32
+    assert 0.0 <= arr.min() and arr.max() <= 1.0
+    pt = tiny_pipe(prompts, output_type="pt", generator=gen(0), **kw).images
+    assert pt.shape == (6, 3, 32, 32)
+    np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), arr, atol=1e-6)
+    lat = tiny_pipe("a red circle", output_type="latent", generator=gen(0), **kw).images
+    assert lat.shape == (2, 4, 16, 16)
+
+
+def test_an_image_does_not_depend_on_batch_size(tiny_pipe):
+    """One generator per image: image i of a batch of 4 equals image i generated alone."""
+    kw = dict(num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent")
+    batch = tiny_pipe("a red circle", num_images_per_prompt=4, generator=[gen(s) for s in range(4)], **kw).images
+    for s in (0, 3):
+        alone = tiny_pipe("a red circle", num_images_per_prompt=1, generator=[gen(s)], **kw).images
+        # equal up to float32 reassociation in batched convolutions (measured ~1e-5)
+        torch.testing.assert_close(batch[s : s + 1], alone, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(batch[0], batch[1])
+
+
+def test_stochastic_sampler_also_batch_independent(tiny_pipe):
+    tiny_pipe.set_sampler("ddpm")
+    kw = dict(num_inference_steps=STEPS, guidance_scale=3.0, output_type="latent")
+    batch = tiny_pipe("a blue square", num_images_per_prompt=3, generator=[gen(s) for s in range(3)], **kw).images
+    alone = tiny_pipe("a blue square", num_images_per_prompt=1, generator=[gen(2)], **kw).images
+    torch.testing.assert_close(batch[2:3], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_same_seed_same_image_and_other_seed_differs(tiny_pipe):
+    kw = dict(num_inference_steps=STEPS, output_type="latent")
+    a = tiny_pipe("a red circle", generator=gen(1), **kw).images
+    b = tiny_pipe("a red circle", generator=gen(1), **kw).images
+    c = tiny_pipe("a red circle", generator=gen(2), **kw).images
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_guidance_scale_zero_is_the_unconditional_model(tiny_pipe):
+    """s = 0 leaves only the negative-prompt branch: equal to sampling "" without guidance."""
+    kw = dict(num_inference_steps=STEPS, output_type="latent")
+    guided0 = tiny_pipe("a red circle", guidance_scale=0.0, generator=gen(0), **kw).images
+    uncond = tiny_pipe("", guidance_scale=1.0, generator=gen(0), **kw).images
+    torch.testing.assert_close(guided0, uncond, atol=1e-5, rtol=1e-5)
+    neg0 = tiny_pipe("a red circle", negative_prompt="a blue square", guidance_scale=0.0, generator=gen(0), **kw).images
+    blue = tiny_pipe("a blue square", guidance_scale=1.0, generator=gen(0), **kw).images
+    torch.testing.assert_close(neg0, blue, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_scale_one_is_the_conditional_model_and_guidance_matters(tiny_pipe):
+    kw = dict(num_inference_steps=STEPS, output_type="latent")
+    one = tiny_pipe("a red circle", guidance_scale=1.0, generator=gen(0), **kw).images
+    five = tiny_pipe("a red circle", guidance_scale=5.0, generator=gen(0), **kw).images
+    assert not torch.allclose(one, five, atol=1e-4)
+
+
+def test_guidance_rescale(tiny_pipe):
+    kw = dict(num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent")
+    base = tiny_pipe("a red circle", generator=gen(0), **kw).images
+    zero = tiny_pipe("a red circle", guidance_rescale=0.0, generator=gen(0), **kw).images
+    resc = tiny_pipe("a red circle", guidance_rescale=0.7, generator=gen(0), **kw).images
+    assert torch.equal(base, zero)
+    assert not torch.allclose(base, resc, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_runs_from_the_training_schedule(tiny_components, name):
+    pipe = make_pipeline(tiny_components, name)
+    assert pipe.scheduler.config.num_train_timesteps == 1000
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    out = pipe("a red circle", num_inference_steps=STEPS, generator=gen(0), output_type="np").images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_unknown_sampler_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match="unknown sampler"):
+        tiny_pipe.set_sampler("heun++")
+
+
+def test_callback_sees_and_can_replace_latents(tiny_pipe):
+    seen = []
+
+    def cb(pipe, i, t, tensors):
+        seen.append((i, int(t), tensors["latents"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == STEPS - 1 else {}
+
+    out = tiny_pipe("a red circle", num_inference_steps=STEPS, generator=gen(0), output_type="latent",
+                    callback_on_step_end=cb).images
+    assert [s[0] for s in seen] == list(range(STEPS))
+    assert seen[0][1] > seen[-1][1]  # timesteps go from noisy to clean
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_progress_bar_is_shown(tiny_pipe, capsys):
+    tiny_pipe.set_progress_bar_config(disable=False)
+    tiny_pipe("a red circle", num_inference_steps=STEPS, generator=gen(0), output_type="latent")
+    assert f"{STEPS}/{STEPS}" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_named(tiny_pipe):
+    with pytest.raises(ValueError, match="generators"):
+        tiny_pipe("a red circle", num_images_per_prompt=2, generator=[gen(0)], num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="output_type"):
+        tiny_pipe("a red circle", output_type="jpeg", num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        tiny_pipe("a red circle", height=33, num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="negative prompts"):
+        tiny_pipe(["a", "b"], negative_prompt=["x"], num_inference_steps=STEPS)
+
+
+def test_save_then_load_is_bit_identical(tiny_components, tiny_pipeline_dir):
+    loaded = TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
+    loaded.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(tiny_components, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    pipe = make_pipeline(tiny_components, "dpm++")
+    kw = dict(num_inference_steps=STEPS, num_images_per_prompt=2)
+    a = pipe("a red circle", generator=gen(0), output_type="latent", **kw).images
+    b = loaded("a red circle", generator=gen(0), output_type="latent", **kw).images
+    assert torch.equal(a, b)
+    # Decoded images: equal weights, but safetensors' mmap leaves the loaded tensors at other
+    # memory alignments, so oneDNN may take another SIMD path (measured: ~1e-6 apart).
+    a = pipe("a red circle", generator=gen(0), output_type="pt", **kw).images
+    b = loaded("a red circle", generator=gen(0), output_type="pt", **kw).images
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert sorted(p.name for p in tiny_pipeline_dir.iterdir()) == [
+        "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    assert (tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not list(tiny_pipeline_dir.rglob("*.bin")) and not list(tiny_pipeline_dir.rglob("*.pkl"))
