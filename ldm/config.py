@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,8 +195,9 @@ class TrainConfig:
 
 def _arg_type(tp: Any) -> tuple[Any, bool]:
     """(argparse type, is_list) from a dataclass annotation such as `int | None`."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
+    base = tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None -> X
+        base = next(a for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(base) is list:
         return typing.get_args(base)[0], True
     return base, False

@@ -1,0 +1,353 @@
+"""ldm/diffusion.py against known answers: diffusers' DDPMScheduler, closed forms, round trips.
+
+Notation as in the module: a = alpha_bar_t, x_t = sqrt(a) x_0 + sqrt(1 - a) eps (DDPM eq. 4),
+v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho 2022). Every test runs on CPU in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from ldm import diffusion as D
+
+SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+B0, B1 = 0.00085, 0.012  # Stable Diffusion's beta_start / beta_end
+F32 = dict(rtol=1e-5, atol=1e-6)  # float32 tolerance for comparisons against diffusers
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _random_alpha_bar(batch: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """(B,) alpha_bar values uniform in (0.01, 0.99)."""
+    return 0.01 + 0.98 * torch.rand(batch, generator=_gen(seed), dtype=dtype)
+
+
+def _pair(shape=(3, 4, 8, 8), seed: int = 0, dtype=torch.float32):
+    """(x0, eps), each of `shape`: x0 deliberately not unit-variance so the two are told apart."""
+    g = _gen(seed)
+    x0 = 2.0 * torch.randn(shape, generator=g, dtype=dtype) + 0.5
+    eps = torch.randn(shape, generator=g, dtype=dtype)
+    return x0, eps
+
+
+# ------------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("T", [10, 1000])
+def test_alphas_cumprod_matches_diffusers(schedule, T):
+    ours = D.alphas_cumprod(D.make_betas(schedule, T, B0, B1))
+    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule=schedule, beta_start=B0,
+                        beta_end=B1).alphas_cumprod
+    assert ours.shape == ref.shape == (T,)
+    torch.testing.assert_close(ours.float(), ref, **F32)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_betas_match_diffusers(schedule):
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule, beta_start=B0,
+                        beta_end=B1).betas
+    torch.testing.assert_close(D.make_betas(schedule, 1000, B0, B1).float(), ref, **F32)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_betas_are_float64_of_length_T(schedule):
+    betas = D.make_betas(schedule, 37)
+    assert betas.dtype == torch.float64 and betas.shape == (37,)
+
+
+def test_linear_betas_closed_form():
+    betas = D.make_betas("linear", 1000, B0, B1)
+    assert betas[0].item() == pytest.approx(B0, rel=1e-12)
+    assert betas[-1].item() == pytest.approx(B1, rel=1e-12)
+    torch.testing.assert_close(betas.diff(), torch.full((999,), (B1 - B0) / 999, dtype=torch.float64))
+
+
+def test_scaled_linear_betas_closed_form():
+    """beta_i = (sqrt(b0) + i/(T-1) (sqrt(b1) - sqrt(b0)))^2: endpoints b0, b1; sqrt(beta) linear."""
+    T = 1000
+    betas = D.make_betas("scaled_linear", T, B0, B1)
+    assert betas[0].item() == pytest.approx(B0, rel=1e-12)
+    assert betas[-1].item() == pytest.approx(B1, rel=1e-12)
+    step = (math.sqrt(B1) - math.sqrt(B0)) / (T - 1)
+    torch.testing.assert_close(betas.sqrt().diff(), torch.full((T - 1,), step, dtype=torch.float64))
+    i = torch.arange(T, dtype=torch.float64)
+    torch.testing.assert_close(betas, (math.sqrt(B0) + i * step) ** 2, rtol=1e-12, atol=0)
+    # not the plain linear schedule: betas sit below the chord from b0 to b1 in the middle
+    assert betas[T // 2].item() < D.make_betas("linear", T, B0, B1)[T // 2].item()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_alphas_cumprod_strictly_decreasing_in_open_unit_interval(schedule):
+    a = D.alphas_cumprod(D.make_betas(schedule, 1000, B0, B1))
+    assert torch.all(a > 0) and torch.all(a < 1)
+    assert torch.all(a.diff() < 0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_alphas_cumprod_is_product_of_one_minus_betas(schedule):
+    betas = D.make_betas(schedule, 50)
+    a = D.alphas_cumprod(betas)
+    expected = torch.tensor([math.prod(1 - b for b in betas[: t + 1].tolist()) for t in range(50)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(a, expected, rtol=1e-12, atol=1e-300)
+
+
+def test_cosine_alpha_bar_closed_form():
+    """f(t) = cos^2(((t + s)/(1 + s)) pi/2), s = 0.008 (Nichol & Dhariwal eq. 17)."""
+    s = 0.008
+    assert D.cosine_alpha_bar(0.0) == pytest.approx(math.cos(s / (1 + s) * math.pi / 2) ** 2, rel=1e-15)
+    assert D.cosine_alpha_bar(1.0) == pytest.approx(0.0, abs=1e-30)
+    assert D.cosine_alpha_bar(0.5) == pytest.approx(math.cos(0.508 / 1.008 * math.pi / 2) ** 2, rel=1e-15)
+
+
+@pytest.mark.parametrize("T", [10, 1000])
+def test_cosine_alpha_bar_telescopes_where_unclipped(T):
+    """prod_{i<=t} f((i+1)/T) / f(i/T) = f((t+1)/T) / f(0) for every t before the first clipped beta."""
+    betas = D.make_betas("squaredcos_cap_v2", T)
+    assert torch.all(betas <= 0.999) and betas[-1].item() == 0.999  # f(1) ~ 0, so the last is clipped
+    clipped = (betas == 0.999).nonzero()
+    first_clipped = int(clipped[0]) if len(clipped) else T
+    assert first_clipped > 0
+    a = D.alphas_cumprod(betas)
+    for t in range(first_clipped):
+        expected = D.cosine_alpha_bar((t + 1) / T) / D.cosine_alpha_bar(0.0)
+        assert a[t].item() == pytest.approx(expected, rel=1e-9, abs=1e-15), t
+
+
+def test_betas_from_alpha_bar_respects_max_beta():
+    betas = D.betas_from_alpha_bar(D.cosine_alpha_bar, 100, max_beta=0.5)
+    assert betas.max().item() == 0.5
+    unclipped = betas < 0.5
+    i = torch.arange(100)[unclipped].tolist()
+    expected = [1 - D.cosine_alpha_bar((k + 1) / 100) / D.cosine_alpha_bar(k / 100) for k in i]
+    torch.testing.assert_close(betas[unclipped], torch.tensor(expected, dtype=torch.float64))
+
+
+def test_unknown_schedule_raises():
+    with pytest.raises(ValueError, match="nope"):
+        D.make_betas("nope", 10)
+
+
+# ------------------------------------------------------------------------------- snr and gather
+def test_snr_formula():
+    a = torch.tensor([0.5, 0.8, 0.2, 0.01, 0.99], dtype=torch.float64)
+    torch.testing.assert_close(D.snr(a), torch.tensor([1.0, 4.0, 0.25, 1 / 99, 99.0], dtype=torch.float64))
+    # and its inverse a = snr / (1 + snr)
+    s = D.snr(a)
+    torch.testing.assert_close(s / (1 + s), a)
+
+
+def test_snr_decreases_along_schedule():
+    a = D.alphas_cumprod(D.make_betas("scaled_linear", 1000))
+    assert torch.all(D.snr(a).diff() < 0)
+
+
+def test_gather_shapes_and_values():
+    a = D.alphas_cumprod(D.make_betas("scaled_linear", 1000))
+    t = torch.tensor([0, 999, 500, 500, 17])
+    out = D.gather(a, t)
+    assert out.shape == (5,)
+    assert out.dtype == a.dtype
+    assert out.device == t.device
+    assert torch.equal(out, torch.stack([a[i] for i in t.tolist()]))
+    assert D.gather(a, torch.tensor([3])).shape == (1,)
+    assert D.gather(a, torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
+# ------------------------------------------------------------------------------- forward process
+@pytest.fixture(scope="module")
+def sd_scheduler():
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=B0,
+                         beta_end=B1)
+
+
+@pytest.fixture(scope="module")
+def sd_alpha_bar():
+    return D.alphas_cumprod(D.make_betas("scaled_linear", 1000, B0, B1))
+
+
+TIMESTEPS = torch.tensor([0, 1, 250, 999])
+
+
+def test_add_noise_matches_diffusers(sd_scheduler, sd_alpha_bar):
+    x0, eps = _pair((4, 4, 8, 8))
+    ours = D.add_noise(x0, eps, D.gather(sd_alpha_bar, TIMESTEPS))
+    ref = sd_scheduler.add_noise(x0, eps, TIMESTEPS)
+    assert ours.shape == x0.shape and ours.dtype == x0.dtype
+    torch.testing.assert_close(ours, ref, **F32)
+
+
+def test_velocity_matches_diffusers(sd_scheduler, sd_alpha_bar):
+    x0, eps = _pair((4, 4, 8, 8))
+    ours = D.velocity(x0, eps, D.gather(sd_alpha_bar, TIMESTEPS))
+    ref = sd_scheduler.get_velocity(x0, eps, TIMESTEPS)
+    assert ours.shape == x0.shape and ours.dtype == x0.dtype
+    torch.testing.assert_close(ours, ref, **F32)
+
+
+def test_add_noise_closed_form_per_sample():
+    """Each sample uses its own alpha_bar: x_t[i] = sqrt(a_i) x0[i] + sqrt(1 - a_i) eps[i]."""
+    x0, eps = _pair(dtype=torch.float64)
+    a = _random_alpha_bar(3)
+    xt = D.add_noise(x0, eps, a)
+    for i in range(3):
+        torch.testing.assert_close(xt[i], a[i].sqrt() * x0[i] + (1 - a[i]).sqrt() * eps[i])
+
+
+def test_add_noise_and_velocity_are_a_rotation():
+    """(x_t, v) = R(phi) (x0, eps) with cos phi = sqrt(a): norms are preserved pointwise."""
+    x0, eps = _pair(dtype=torch.float64)
+    a = _random_alpha_bar(3)
+    xt, v = D.add_noise(x0, eps, a), D.velocity(x0, eps, a)
+    torch.testing.assert_close(xt**2 + v**2, x0**2 + eps**2)
+
+
+@pytest.mark.parametrize("prediction_type", D.PREDICTION_TYPES)
+def test_target_then_invert_round_trips(prediction_type):
+    x0, eps = _pair((8, 4, 8, 8), dtype=torch.float64)
+    a = _random_alpha_bar(8, seed=1)
+    xt = D.add_noise(x0, eps, a)
+    target = D.training_target(prediction_type, x0, eps, a)
+    x0_hat, eps_hat = D.to_x0_and_eps(prediction_type, target, xt, a)
+    torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(eps_hat, eps, rtol=0, atol=1e-5)
+
+
+def test_training_targets_known_answers():
+    x0, eps = _pair(dtype=torch.float64)
+    a = _random_alpha_bar(3)
+    assert torch.equal(D.training_target("epsilon", x0, eps, a), eps)
+    assert torch.equal(D.training_target("sample", x0, eps, a), x0)
+    torch.testing.assert_close(D.training_target("v_prediction", x0, eps, a), D.velocity(x0, eps, a))
+
+
+@pytest.mark.parametrize("prediction_type", D.PREDICTION_TYPES)
+def test_round_trip_in_float32(prediction_type):
+    """float32 with a well-conditioned alpha_bar range: still close."""
+    x0, eps = _pair((4, 4, 8, 8))
+    a = torch.tensor([0.05, 0.3, 0.7, 0.95])
+    xt = D.add_noise(x0, eps, a)
+    x0_hat, eps_hat = D.to_x0_and_eps(prediction_type, D.training_target(prediction_type, x0, eps, a), xt, a)
+    assert x0_hat.dtype == eps_hat.dtype == torch.float32
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps_hat, eps, rtol=1e-4, atol=1e-4)
+
+
+def test_alpha_bar_dtype_follows_sample():
+    """A float64 alpha_bar (from the schedule) does not promote a float32 batch."""
+    x0, eps = _pair()
+    a = _random_alpha_bar(3, dtype=torch.float64)
+    assert D.add_noise(x0, eps, a).dtype == torch.float32
+    assert D.velocity(x0, eps, a).dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in D.to_x0_and_eps("v_prediction", eps, x0, a))
+
+
+@pytest.mark.parametrize("fn", ["training_target", "to_x0_and_eps"])
+def test_unknown_prediction_type_raises(fn):
+    x0, eps = _pair()
+    with pytest.raises(ValueError, match="flow"):
+        getattr(D, fn)("flow", x0, eps, _random_alpha_bar(3))
+
+
+# ------------------------------------------------------------------------------- guidance
+def _uncond_cond(shape=(2, 4, 8, 8)):
+    g = _gen(3)
+    return torch.randn(shape, generator=g), 1.5 * torch.randn(shape, generator=g) + 0.3
+
+
+def test_cfg_scale_zero_is_uncond_exactly():
+    uncond, cond = _uncond_cond()
+    assert torch.equal(D.classifier_free_guidance(uncond, cond, 0.0), uncond)
+
+
+def test_cfg_scale_one_is_cond():
+    uncond, cond = _uncond_cond()
+    torch.testing.assert_close(D.classifier_free_guidance(uncond, cond, 1.0), cond, rtol=0, atol=1e-6)
+
+
+def test_cfg_is_linear_in_scale():
+    uncond, cond = _uncond_cond()
+    g = lambda s: D.classifier_free_guidance(uncond.double(), cond.double(), s)  # noqa: E731
+    for s in (-1.0, 0.5, 2.0, 7.5):
+        torch.testing.assert_close(g(s), uncond.double() + s * (cond.double() - uncond.double()))
+        torch.testing.assert_close(g(s) - g(0.0), s * (g(1.0) - g(0.0)))
+    torch.testing.assert_close(g(0.3 * 2.0 + 0.7 * 5.0), 0.3 * g(2.0) + 0.7 * g(5.0))
+
+
+def test_cfg_guides_every_channel():
+    """DiT's forward_with_cfg guided only 3 of 4 latent channels; check all four, one by one."""
+    uncond, cond = _uncond_cond((2, 4, 8, 8))
+    scale = 7.5
+    out = D.classifier_free_guidance(uncond, cond, scale)
+    assert out.shape == (2, 4, 8, 8)
+    for c in range(4):
+        expected = uncond[:, c] + scale * (cond[:, c] - uncond[:, c])
+        torch.testing.assert_close(out[:, c], expected, msg=f"channel {c}")
+        assert not torch.allclose(out[:, c], uncond[:, c]), f"channel {c} left unguided"
+        assert not torch.allclose(out[:, c], cond[:, c]), f"channel {c} left as cond"
+
+
+def test_rescale_zero_returns_input_unchanged():
+    uncond, cond = _uncond_cond()
+    guided = D.classifier_free_guidance(uncond, cond, 7.5)
+    assert torch.equal(D.rescale_guidance(guided, cond, 0.0), guided)
+
+
+def test_rescale_one_matches_cond_std_per_sample():
+    uncond, cond = _uncond_cond((3, 4, 8, 8))
+    cond = cond * torch.tensor([0.5, 1.0, 3.0]).view(3, 1, 1, 1)  # a different std per sample
+    guided = D.classifier_free_guidance(uncond, cond, 7.5)
+    out = D.rescale_guidance(guided, cond, 1.0)
+    dims = (1, 2, 3)
+    torch.testing.assert_close(out.std(dim=dims), cond.std(dim=dims), rtol=1e-5, atol=1e-6)
+    # a per-sample rescaling of the guided prediction: direction kept
+    ratio = out / guided
+    torch.testing.assert_close(ratio, ratio[:, :1, :1, :1].expand_as(ratio), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.3, 0.7, 1.0])
+def test_rescale_matches_diffusers(phi):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    uncond, cond = _uncond_cond((3, 4, 8, 8))
+    guided = D.classifier_free_guidance(uncond, cond, 7.5)
+    ref = rescale_noise_cfg(guided.clone(), cond.clone(), guidance_rescale=phi)
+    torch.testing.assert_close(D.rescale_guidance(guided, cond, phi), ref, **F32)
+
+
+# ------------------------------------------------------------------------------- purity
+def _calls():
+    x0, eps = _pair()
+    a = _random_alpha_bar(3)
+    alpha_bar = D.alphas_cumprod(D.make_betas("scaled_linear", 100))
+    t = torch.tensor([0, 50, 99])
+    uncond, cond = _uncond_cond((3, 4, 8, 8))
+    calls = [
+        ("alphas_cumprod", (D.make_betas("linear", 100),)),
+        ("snr", (a,)),
+        ("gather", (alpha_bar, t)),
+        ("add_noise", (x0, eps, a)),
+        ("velocity", (x0, eps, a)),
+        ("classifier_free_guidance", (uncond, cond, 7.5)),
+        ("rescale_guidance", (uncond, cond, 0.7)),
+        ("rescale_guidance", (uncond, cond, 1.0)),
+    ]
+    for pt in D.PREDICTION_TYPES:
+        calls.append(("training_target", (pt, x0, eps, a)))
+        calls.append(("to_x0_and_eps", (pt, eps, x0, a)))
+    return calls
+
+
+@pytest.mark.parametrize("name,args", _calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_arguments_not_modified_in_place(name, args):
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    getattr(D, name)(*args)
+    for i, (b, a) in enumerate(zip(before, args)):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), f"{name} changed argument {i}"
+            assert a.dtype == b.dtype and a.shape == b.shape

@@ -1,0 +1,154 @@
+"""The training script end to end (subprocesses, as a user runs it) and a tiny overfit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+
+from ldm.config import model_preset
+from ldm.diffusion import add_noise, gather, training_target
+from ldm.models import build_components
+from ldm.synthetic import export_folder
+from ldm.text import encode_tokens, tokenize
+from pipelines import TextToImagePipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "train_ldm.py"
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+FAST = ["--max_train_steps", "4", "--train_batch_size", "8", "--builtin_num_images", "48",
+        "--checkpointing_steps", "2", "--validation_steps", "0", "--validation_inference_steps", "2",
+        "--num_validation_images", "1", "--validation_prompts", "a red circle", "a blue square",
+        "--lr_warmup_steps", "1", "--report_to", "none"]
+
+
+def launch(args: list[str], *, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_config.yaml")]
+    if processes > 1:
+        # accelerate's --cpu launcher starts one process without mpirun; this forms a gloo group.
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "29533"]
+    proc = subprocess.run(cmd + [str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def weights(folder: Path, component: str = "unet") -> dict[str, torch.Tensor]:
+    name = "diffusion_pytorch_model.safetensors" if component in ("unet", "vae") else "model.safetensors"
+    return load_file(str(folder / component / name))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+def test_help_lists_the_diffusers_flag_names():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--pretrained_model_name_or_path", "--train_data_dir", "--dataset_name", "--image_column",
+                 "--caption_column", "--resolution", "--train_batch_size", "--gradient_accumulation_steps",
+                 "--max_train_steps", "--learning_rate", "--lr_scheduler", "--output_dir",
+                 "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint",
+                 "--mixed_precision", "--gradient_checkpointing", "--use_ema", "--seed",
+                 "--validation_prompts", "--prediction_type", "--preset", "--config"):
+        assert flag in out.stdout, flag
+    assert "(default: tiny)" in out.stdout
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_user_folder_gives_a_loadable_pipeline(tmp_path):
+    data = export_folder(tmp_path / "data", n=40, resolution=32, seed=5)
+    out = tmp_path / "run"
+    launch(["--train_data_dir", str(data), "--output_dir", str(out), *FAST, "--validation_steps", "2",
+            "--checkpoints_total_limit", "1", "--report_to", "tensorboard"])
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (out / sub).is_dir(), sub
+    assert json.loads((out / "run_info.json").read_text())["global_step"] == 4
+    cfg = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert cfg["train_data_dir"] == str(data) and cfg["max_train_steps"] == 4
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]  # rotated, limit 1
+    assert (out / "checkpoints" / "checkpoint-4" / "COMPLETE").exists()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    pipe = TextToImagePipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red circle", num_inference_steps=3, num_images_per_prompt=2,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert len(images) == 2 and images[0].size == (32, 32)
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights_and_exact_resume(tmp_path):
+    """Two runs with one seed end bit-identical; a run stopped at step 2 (mid-epoch: 6 batches per
+    epoch) and resumed ends bit-identical to the uninterrupted one (weights, EMA, text encoder)."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    launch(["--output_dir", str(a), *FAST])
+    launch(["--output_dir", str(b), *FAST])
+    for comp in ("unet", "text_encoder"):
+        assert_same(weights(a, comp), weights(b, comp))
+    launch(["--output_dir", str(c), *FAST, "--max_train_steps", "2"])
+    launch(["--output_dir", str(c), *FAST, "--resume_from_checkpoint", "latest"])
+    assert json.loads((c / "run_info.json").read_text())["global_step"] == 4
+    for comp in ("unet", "text_encoder"):
+        assert_same(weights(a, comp), weights(c, comp))
+    assert_same(load_file(str(a / "checkpoints/checkpoint-4/ema_unet.safetensors")),
+                load_file(str(c / "checkpoints/checkpoint-4/ema_unet.safetensors")))
+    assert_same(load_file(str(a / "checkpoints/checkpoint-4/model.safetensors")),
+                load_file(str(c / "checkpoints/checkpoint-4/model.safetensors")))
+
+
+@pytest.mark.slow
+def test_seed_changes_the_run(tmp_path):
+    launch(["--output_dir", str(tmp_path / "s0"), *FAST, "--max_train_steps", "1", "--checkpointing_steps", "0"])
+    launch(["--output_dir", str(tmp_path / "s1"), *FAST, "--max_train_steps", "1", "--checkpointing_steps", "0",
+            "--seed", "1"])
+    w0, w1 = weights(tmp_path / "s0"), weights(tmp_path / "s1")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_launch(tmp_path):
+    out = tmp_path / "ddp"
+    proc = launch(["--output_dir", str(out), *FAST, "--train_batch_size", "4"], processes=2)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["num_processes"] == 2, proc.stderr[-2000:]
+    assert info["global_step"] == 4
+    assert "global batch 8" in proc.stderr
+    assert TextToImagePipeline.from_pretrained(out).unet is not None
+    assert (out / "checkpoints" / "checkpoint-4" / "random_states_1.pkl").exists()  # rank 1's RNG too
+
+
+def test_tiny_model_overfits_one_batch():
+    """The loss of the training objective on one fixed batch falls by an order of magnitude."""
+    c = build_components(model_preset("tiny"), seed=0)
+    torch.manual_seed(0)
+    latents = torch.randn(4, 4, 16, 16)
+    ids = tokenize(c.tokenizer, ["a red circle", "a blue square", "a green triangle", "a yellow circle"])
+    noise = torch.randn_like(latents)
+    timesteps = torch.tensor([50, 300, 600, 900])
+    a_t = gather(c.noise_scheduler.alphas_cumprod, timesteps)
+    noisy = add_noise(latents, noise, a_t)
+    target = training_target("epsilon", latents, noise, a_t)
+    params = list(c.unet.parameters()) + list(c.text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3)
+    losses = []
+    for _ in range(150):
+        pred = c.unet(noisy, timesteps, encoder_hidden_states=encode_tokens(c.text_encoder, ids)).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
