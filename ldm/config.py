@@ -241,17 +241,48 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
+    """A YAML value converted to the field's type (YAML reads `1e-4` as a string), or a
+    ValueError naming the key."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{source}: {key} may not be empty")
+    tp, is_list = _arg_type(annotation)
+    try:
+        if is_list:
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise TypeError
+            return [_coerce(key, v, tp, source) for v in items]
+        if tp is bool:
+            return value if isinstance(value, bool) else _str2bool(str(value))
+        if tp is int and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if tp is float and not isinstance(value, bool):
+            return float(value)
+        if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        pass
+    raise ValueError(f"{source}: {key}={value!r} is not a valid {annotation}")
+
+
 def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < YAML (`--config`) < flags given on the command line."""
     given = vars(build_parser().parse_args(argv))
+    hints = typing.get_type_hints(TrainConfig)
     values: dict[str, Any] = {}
     if given.get("config"):
-        values.update(load_yaml(given["config"]))
+        from_yaml = load_yaml(given["config"])
+        unknown = sorted(set(from_yaml) - set(hints))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown} in {given['config']}")
+        values.update({k: _coerce(k, v, hints[k], given["config"]) for k, v in from_yaml.items()})
     values.update(given)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown} (in {given.get('config')})")
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg

@@ -70,26 +70,14 @@ def test_boolean_flags_for_default_false():
     assert resolve_train_config(["--no-center_crop"]).center_crop is False
 
 
-# BUG in ldm/config.py `_arg_type`: for a plain `list[str]` annotation, typing.get_args gives
-# (str,), which is taken for the non-None member of a Union, so `is_list` is False and the flag
-# gets no nargs="+": `--validation_prompts a b` exits with "unrecognized arguments: b" and
-# `--validation_prompts "a b"` yields the str "a b". Strict xfail: remove the marks once fixed.
-LIST_FLAG_BUG = pytest.mark.xfail(
-    strict=True, raises=(SystemExit, AssertionError),
-    reason="_arg_type(list[str]) returns (str, False): list flags take one value, as a str")
-
-
-@LIST_FLAG_BUG
 def test_list_flag_gives_list():
     assert resolve_train_config(["--validation_prompts", "a", "b"]).validation_prompts == ["a", "b"]
 
 
-@LIST_FLAG_BUG
 def test_list_flag_with_one_value_gives_list():
     assert resolve_train_config(["--validation_prompts", "one cat"]).validation_prompts == ["one cat"]
 
 
-@LIST_FLAG_BUG
 def test_list_flag_wins_over_yaml(tmp_path):
     path = _write_yaml(tmp_path / "c.yaml", {"validation_prompts": ["p"]})
     cfg = resolve_train_config(["--config", path, "--validation_prompts", "q", "r"])
@@ -183,15 +171,13 @@ def test_unknown_yaml_key_raises_naming_it(tmp_path):
         resolve_train_config(["--config", path])
 
 
-# BUG in ldm/config.py `resolve_train_config`: YAML values go into TrainConfig unchecked. PyYAML
-# (YAML 1.1) reads `1e-4` (no dot) as the *string* "1e-4", so a hand-written `learning_rate: 1e-4`
-# resolves without error to a str, and AdamW later fails with TypeError; a quoted `"8"` batch size
-# makes validate() raise TypeError instead of a ValueError naming the key.
-@pytest.mark.xfail(strict=True, reason="YAML values are neither coerced to the field type nor checked")
+# PyYAML (YAML 1.1) reads `1e-4` (no dot) as the *string* "1e-4": values must be coerced to the
+# field's type, or refused with an error naming the key.
 @pytest.mark.parametrize("text,key,expected", [
     ("learning_rate: 1e-4\n", "learning_rate", 1e-4),
     ("train_batch_size: '8'\n", "train_batch_size", 8),
     ("validation_prompts: a cat\n", "validation_prompts", ["a cat"]),
+    ("use_ema: 'no'\n", "use_ema", False),
 ])
 def test_yaml_values_get_field_types(tmp_path, text, key, expected):
     """Either coerced to the annotated type, or rejected with a ValueError naming the key."""
@@ -319,3 +305,12 @@ def test_presets_are_fresh_and_frozen():
     assert a == b
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.resolution = 64  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text", ["train_batch_size: 1.5\n", "use_ema: maybe\n", "seed: [1, 2]\n",
+                                  "max_train_steps:\n"])
+def test_bad_yaml_values_name_the_key(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=text.split(":")[0]):
+        resolve_train_config(["--config", str(path)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,22 +92,31 @@ def test_end_to_end_on_a_user_folder_gives_a_loadable_pipeline(tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_weights_and_exact_resume(tmp_path):
-    """Two runs with one seed end bit-identical; a run stopped at step 2 (mid-epoch: 6 batches per
-    epoch) and resumed ends bit-identical to the uninterrupted one (weights, EMA, text encoder)."""
+    """Two runs with one seed end bit-identical. A run stopped after its step-2 checkpoint
+    (mid-epoch: 6 batches per epoch) and resumed ends bit-identical to the uninterrupted one:
+    U-Net, text encoder, EMA and optimizer state."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     launch(["--output_dir", str(a), *FAST])
     launch(["--output_dir", str(b), *FAST])
     for comp in ("unet", "text_encoder"):
         assert_same(weights(a, comp), weights(b, comp))
-    launch(["--output_dir", str(c), *FAST, "--max_train_steps", "2"])
-    launch(["--output_dir", str(c), *FAST, "--resume_from_checkpoint", "latest"])
+    # What an interrupted run leaves behind: its complete step-2 checkpoint (plus a half-written
+    # one, which must be ignored).
+    (c / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "checkpoint-2", c / "checkpoints" / "checkpoint-2")
+    shutil.copytree(a / "checkpoints" / "checkpoint-4", c / "checkpoints" / "checkpoint-4.tmp")
+    (c / "checkpoints" / "checkpoint-4.tmp" / "COMPLETE").unlink()
+    proc = launch(["--output_dir", str(c), *FAST, "--resume_from_checkpoint", "latest"])
+    assert "step 2" in proc.stderr and "checkpoint-2" in proc.stderr
     assert json.loads((c / "run_info.json").read_text())["global_step"] == 4
     for comp in ("unet", "text_encoder"):
         assert_same(weights(a, comp), weights(c, comp))
-    assert_same(load_file(str(a / "checkpoints/checkpoint-4/ema_unet.safetensors")),
-                load_file(str(c / "checkpoints/checkpoint-4/ema_unet.safetensors")))
-    assert_same(load_file(str(a / "checkpoints/checkpoint-4/model.safetensors")),
-                load_file(str(c / "checkpoints/checkpoint-4/model.safetensors")))
+    for name in ("ema_unet.safetensors", "ema_text_encoder.safetensors", "model.safetensors"):
+        assert_same(load_file(str(a / "checkpoints/checkpoint-4" / name)),
+                    load_file(str(c / "checkpoints/checkpoint-4" / name)))
+    opt_a = torch.load(a / "checkpoints/checkpoint-4/optimizer.bin", weights_only=True)
+    opt_c = torch.load(c / "checkpoints/checkpoint-4/optimizer.bin", weights_only=True)
+    assert all(torch.equal(opt_a["state"][i]["exp_avg"], opt_c["state"][i]["exp_avg"]) for i in opt_a["state"])
 
 
 @pytest.mark.slow
