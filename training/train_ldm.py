@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> Path:
                     disable=not accelerator.is_local_main_process)
     loss_sum, loss_count, loss = torch.zeros((), device=accelerator.device), 0, torch.zeros(())
     for epoch in range(first_epoch, num_epochs):
+        if global_step >= cfg.max_train_steps:  # resumed from a checkpoint at or past the end
+            break
         dataloader.set_epoch(epoch)
         batches = dataloader
         if epoch == first_epoch and skip_batches:

@@ -1,0 +1,118 @@
+"""Every command and code block of README.md runs (training commands shortened with flags
+appended, which win over earlier ones; GPU-only launches are checked only for being listed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+BIN = Path(sys.executable).parent
+SHORT = ["--max_train_steps", "3", "--train_batch_size", "4", "--builtin_num_images", "24",
+         "--checkpointing_steps", "3", "--validation_steps", "0", "--validation_inference_steps", "2",
+         "--num_validation_images", "1", "--report_to", "none", "--lr_warmup_steps", "1"]
+# Real-world values that a 2-core CPU test cannot use, and what stands in for them.
+STAND_INS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "outputs/ldm",
+    "data/my_images": "data/shapes",
+    "--resolution 512": "--resolution 32",
+    "--mixed_precision fp16": "--mixed_precision no",
+    "--max_train_steps 10000": "",
+}
+SELF = ('pip install -e ".[dev]" && pytest', "pytest", 'pytest -m "not slow"')
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def commands() -> list[str]:
+    out = []
+    for block in blocks("bash"):
+        for line in block.splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def needs_gpus(cmd: str) -> bool:
+    return "--multi_gpu" in cmd and "ACCELERATE_USE_CPU=true" not in cmd
+
+
+def test_readme_lists_the_quick_start_and_launches():
+    cmds = commands()
+    assert cmds[0] == ('pip install -e ".[dev]" && accelerate launch --config_file accelerate_config.yaml '
+                       "training/train_ldm.py")
+    assert cmds[1] == 'pip install -e ".[dev]" && pytest'
+    assert sum(needs_gpus(c) for c in cmds) == 2  # multi-GPU and multi-node, not runnable here
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -e ".[dev]"' in ci and "\npytest\n" in ci
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_components):
+    """A user's working directory: the repo's entry points, and outputs/ldm already trained."""
+    from conftest import make_pipeline
+
+    work = tmp_path_factory.mktemp("readme")
+    for name in ("training", "accelerate_config.yaml"):
+        (work / name).symlink_to(ROOT / name)
+    make_pipeline(tiny_components, "dpm++").save_pretrained(work / "outputs" / "ldm")
+    return work
+
+
+def run(cmd: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(workdir):
+    ran = 0
+    for cmd in commands():
+        if cmd in SELF or needs_gpus(cmd):
+            continue
+        cmd = cmd.replace('pip install -e ".[dev]" && ', "")  # installed already, as CI does
+        for real, stand_in in STAND_INS.items():
+            cmd = cmd.replace(real, stand_in)
+        if cmd.startswith("python -m ldm.synthetic"):
+            cmd += " --num_images 24"
+        elif "accelerate launch" in cmd:
+            cmd += " " + " ".join(SHORT)
+            if "--resume_from_checkpoint" in cmd:
+                cmd += " --max_train_steps 5"  # continue past the earlier run's last step
+            if "ACCELERATE_USE_CPU=true" in cmd:
+                cmd += " --train_batch_size 2"
+        else:
+            raise AssertionError(f"README command with no test: {cmd}")
+        proc = run(cmd, workdir)
+        ran += 1
+        if "--resume_from_checkpoint" in cmd:
+            assert "resumed from" in proc.stderr
+    assert ran == 8
+    assert (workdir / "data" / "shapes" / "metadata.jsonl").exists()
+    for out in ("ldm", "shapes", "ldm-finetuned", "sd15-finetuned", "shapes-again", "ddp-cpu"):
+        assert (workdir / "outputs" / out / "model_index.json").exists(), out
+
+
+def test_readme_python_block_runs(tiny_pipeline_dir, tmp_path):
+    (code,) = blocks("python")
+    (tmp_path / "outputs").mkdir()
+    shutil.copytree(tiny_pipeline_dir, tmp_path / "outputs" / "ldm")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "red_circle.png").exists()
+    assert (tmp_path / "outputs" / "ldm-copy" / "model_index.json").exists()
+    assert len(proc.stdout.splitlines()) == 10  # the callback printed once per step
