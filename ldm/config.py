@@ -31,6 +31,9 @@ class UNetConfig:
     layers_per_block: int = 2
     attention_head_dim: int = 8
     norm_num_groups: int = 32
+    # Stable Diffusion adds nothing to the time embedding. True adds an attention-pooled text
+    # embedding (diffusers' addition_embed_type="text"), a global summary of the prompt.
+    text_time_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class NoiseConfig:
     prediction_type: str = "epsilon"  # epsilon | v_prediction
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     resolution: int
@@ -79,6 +85,8 @@ class ModelConfig:
     vae: VAEConfig
     text: TextEncoderConfig
     noise: NoiseConfig = NoiseConfig()
+    # A pretrained, frozen first stage used when no other is given (None: random weights).
+    pretrained_vae: str | None = None
 
 
 def _tiny() -> ModelConfig:
@@ -131,7 +139,8 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = _help(
         "diffusers-layout folder or hub id to start from (all components)", default=None)
     pretrained_vae_name_or_path: str | None = _help(
-        "diffusers-layout VAE folder (or a pipeline folder with vae/) to use frozen", default=None)
+        "diffusers-layout VAE folder (or a pipeline folder with vae/) to use frozen; default: the "
+        "preset's own (tiny ships one), 'none' for a random one", default=None)
     train_text_encoder: bool = _help(
         "train a pretrained text encoder too (one built from scratch is always trained)", default=False)
     prediction_type: str | None = _help("epsilon | v_prediction (default: the model's own)", default=None)
@@ -147,9 +156,13 @@ class TrainConfig:
                               default=False)
     caption_dropout: float = _help("probability of an empty caption (classifier-free guidance)",
                                    default=0.1)
+    snr_gamma: float | None = _help("min-SNR-gamma loss weighting (Hang et al. 2023; 5 is typical)",
+                                    default=None)
     builtin_num_images: int = _help("size of the built-in synthetic data set (no data flags)",
                                     default=2048)
     max_train_samples: int | None = _help("use only the first N samples", default=None)
+    cache_latents: bool = _help("encode the data once with the frozen VAE (not with random crop/flip)",
+                                default=True)
     dataloader_num_workers: int = _help("data loader worker processes", default=0)
     # optimisation
     train_batch_size: int = _help("batch size per process", default=32)
@@ -186,6 +199,8 @@ class TrainConfig:
     validation_guidance_scale: float = _help("CFG scale for validation", default=4.0)
     sampler: str = _help("scheduler saved with the pipeline: ddpm | ddim | dpm++ | euler | ...",
                          default="dpm++")
+    eval_images_per_case: int = _help(
+        "held-out evaluation at the end, images per composition (built-in data only; 0: skip)", default=8)
     report_to: str = _help("tensorboard | none", default="tensorboard")
     config: str | None = _help("YAML file of these same keys (flags given win)", default=None)
 
@@ -273,8 +288,18 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
 
 def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < YAML (`--config`) < flags given on the command line."""
-    given = vars(build_parser().parse_args(argv))
-    hints = typing.get_type_hints(TrainConfig)
+    cfg = resolve_config(TrainConfig, argv)
+    validate(cfg)
+    return cfg
+
+
+def resolve_config(cls: type, argv: list[str] | None = None, description: str | None = None) -> Any:
+    """Any config dataclass with a `config` field: defaults < YAML < command-line flags."""
+    parser = build_parser(cls)
+    if description:
+        parser.description = description
+    given = vars(parser.parse_args(argv))
+    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     if given.get("config"):
         from_yaml = load_yaml(given["config"])
@@ -283,9 +308,7 @@ def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
             raise ValueError(f"unknown config keys {unknown} in {given['config']}")
         values.update({k: _coerce(k, v, hints[k], given["config"]) for k, v in from_yaml.items()})
     values.update(given)
-    cfg = TrainConfig(**values)
-    validate(cfg)
-    return cfg
+    return cls(**values)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -303,6 +326,32 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.attention_backend not in ("auto", "sdpa", "xformers"):
         raise ValueError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
+
+
+@dataclass
+class VAETrainConfig:
+    """`training/train_vae.py`: a KL-regularised autoencoder (Rombach et al. 2022, sec. 3)."""
+
+    output_dir: str = _help("where the VAE (diffusers layout) goes", default="outputs/vae")
+    train_data_dir: str | None = _help("image folder (default: the built-in shapes)", default=None)
+    image_column: str = _help("image column of the data set", default="image")
+    caption_column: str = _help("caption column (only read to validate the folder)", default="text")
+    builtin_num_images: int = _help("size of the built-in data set", default=4096)
+    resolution: int = _help("image side", default=32)
+    block_out_channels: list[int] = _help("channels per level; downsampling 2**(levels-1)",
+                                          default_factory=lambda: [32, 64])
+    layers_per_block: int = _help("resnet layers per level", default=1)
+    latent_channels: int = _help("latent channels", default=4)
+    norm_num_groups: int = _help("group norm groups", default=8)
+    kl_weight: float = _help("weight of KL(q(z|x) || N(0, I)) against the summed L1 reconstruction",
+                             default=1e-6)
+    train_batch_size: int = _help("batch size per process", default=64)
+    max_train_steps: int = _help("optimizer steps", default=1500)
+    learning_rate: float = _help("peak learning rate (cosine decay, 50-step warm-up)", default=2e-3)
+    random_flip: bool = _help("random horizontal flips", default=True)
+    mixed_precision: str | None = _help("no | fp16 | bf16", default=None)
+    seed: int = _help("seed", default=0)
+    config: str | None = _help("YAML file of these same keys (flags given win)", default=None)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -94,3 +94,37 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).float(),  # (B, 3, R, R)
         "text": [e["text"] for e in examples],
     }
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Posterior parameters of a frozen VAE, computed once: (N, 2C, h, w) mean and log-variance
+    (diffusers' `DiagonalGaussianDistribution` layout) with the raw caption cells. A fresh
+    z ~ q(z|x) is still drawn every step, exactly as encoding every step would."""
+
+    def __init__(self, moments: torch.Tensor, captions: list, seed: int):
+        self.moments = moments
+        self.captions = captions
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"moments": self.moments[i], "text": pick_caption(self.captions[i], self.rng)}
+
+
+@torch.no_grad()
+def encode_dataset(vae, dataset, resolution: int, batch_size: int = 128, seed: int = 0) -> CachedLatents:
+    """Encode every image once (center crop, no flip: the only transform a cache can hold)."""
+    tf = image_transform(resolution, center_crop=True, random_flip=False)
+    moments, captions = [], []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        pixels = torch.stack([tf(to_rgb(img)) for img in rows["image"]]).to(vae.device, vae.dtype)
+        moments.append(vae.encode(pixels).latent_dist.parameters.float().cpu())  # (B, 2C, h, w)
+        captions += rows["text"]
+    return CachedLatents(torch.cat(moments), captions, seed)
+
+
+def collate_latents(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"moments": torch.stack([e["moments"] for e in examples]), "text": [e["text"] for e in examples]}

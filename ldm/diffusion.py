@@ -104,6 +104,22 @@ def to_x0_and_eps(prediction_type: str, model_output: torch.Tensor, x_t: torch.T
     raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
 
 
+def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 10) for an MSE on the given target.
+
+    The x0-space weight min(SNR, gamma) expressed on the network's target:
+    epsilon: min(SNR, gamma) / SNR;  v: min(SNR, gamma) / (SNR + 1);  x0: min(SNR, gamma).
+    """
+    clipped = torch.clamp(snr_t, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr_t
+    if prediction_type == "v_prediction":
+        return clipped / (snr_t + 1)
+    if prediction_type == "sample":
+        return clipped
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
 # ------------------------------------------------------------------------------- guidance
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """uncond + s (cond - uncond) over every channel (Ho & Salimans 2022, eq. 6).

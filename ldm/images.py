@@ -15,3 +15,9 @@ def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
     for i, img in enumerate(images):
         grid.paste(img, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def tensor_to_pil(image) -> Image.Image:
+    """(3, H, W) tensor in [-1, 1] -> PIL RGB."""
+    arr = ((image.detach().float().clamp(-1, 1).permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round()
+    return Image.fromarray(arr.astype("uint8"))

@@ -34,6 +34,9 @@ def build_unet(cfg: UNetConfig, *, in_channels: int, sample_size: int,
                cross_attention_dim: int) -> UNet2DConditionModel:
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attention))
+    extra = {}
+    if cfg.text_time_embedding:
+        extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4}
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=in_channels,
@@ -45,6 +48,7 @@ def build_unet(cfg: UNetConfig, *, in_channels: int, sample_size: int,
         attention_head_dim=cfg.attention_head_dim,
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=cfg.norm_num_groups,
+        **extra,
     )
 
 

@@ -1,8 +1,10 @@
 """The built-in data set: captioned synthetic shapes, generated deterministically from a seed.
 
-Each image holds one coloured shape at a named position on a plain background; its caption
-names colour, shape and position ("a red circle on the left"). A fixed set of held-out
-(colour, shape, position) compositions never appears in training.
+Each image holds one or two coloured shapes (circle, square, triangle) of a named size at named
+positions on a plain background; captions name them with some variety of phrasing
+("a small red circle on the left", "a blue square at the top and a yellow triangle at the bottom
+on a white background"). A fixed set of (colour, shape, position) compositions is held out: it
+never appears in training, in one- or two-object images, and is what `ldm.evaluate` scores.
 """
 
 from __future__ import annotations
@@ -10,88 +12,138 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 215, 40),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 225),
+    "yellow": (240, 220, 30),
+    "purple": (150, 40, 190),
 }
 SHAPES = ("circle", "square", "triangle")
-# position -> centre as a fraction of the image side
+# position -> centre as a fraction of the image side (x, y)
 POSITIONS: dict[str, tuple[float, float]] = {
-    "left": (0.28, 0.5),
-    "right": (0.72, 0.5),
-    "top": (0.5, 0.28),
-    "bottom": (0.5, 0.72),
+    "left": (0.27, 0.5),
+    "right": (0.73, 0.5),
+    "top": (0.5, 0.27),
+    "bottom": (0.5, 0.73),
     "center": (0.5, 0.5),
 }
-BACKGROUND = (245, 245, 245)
-TEMPLATES = ("a {c} {s} {p}", "{c} {s} {p}", "a picture of a {c} {s} {p}")
-PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
-           "bottom": "at the bottom", "center": "in the center"}
+# size -> half-side (radius) range as a fraction of the image side
+SIZES: dict[str, tuple[float, float]] = {"small": (0.13, 0.16), "large": (0.19, 0.22)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (20, 20, 20),
+}
+PAIRS = (("left", "right"), ("top", "bottom"))  # positions two objects may take
+PHRASES = {"left": ("on the left", "at the left"), "right": ("on the right", "at the right"),
+           "top": ("at the top", "on top"), "bottom": ("at the bottom", "below"),
+           "center": ("in the center", "in the middle")}
+OBJECT_TEMPLATES = ("a {size}{color} {shape} {where}", "{size}{color} {shape} {where}")
+SCENE_TEMPLATES = ("{objects}", "{objects}", "a picture of {objects}", "{objects} on a {bg} background")
+
+
+@dataclass(frozen=True)
+class Obj:
+    color: str
+    shape: str
+    position: str
+    size: str
+    radius: float  # fraction of the image side
 
 
 @dataclass(frozen=True)
 class Scene:
-    color: str
-    shape: str
-    position: str
-    size: float  # radius as a fraction of the image side
+    objects: tuple[Obj, ...]
+    background: str = "white"
+    template: int = 0
+    phrasing: tuple[int, ...] = field(default=(0, 0))
 
-    def caption(self, template: str = TEMPLATES[0]) -> str:
-        return template.format(c=self.color, s=self.shape, p=PHRASES[self.position])
+    def caption(self) -> str:
+        parts = []
+        for i, o in enumerate(self.objects):
+            pick = self.phrasing[i % len(self.phrasing)]
+            size = f"{o.size} " if pick % 2 else ""
+            parts.append(OBJECT_TEMPLATES[pick // 2 % 2].format(
+                size=size, color=o.color, shape=o.shape, where=PHRASES[o.position][pick // 4 % 2]))
+        objects = " and ".join(parts)
+        return SCENE_TEMPLATES[self.template].format(objects=objects, bg=self.background)
 
 
 def all_compositions() -> list[tuple[str, str, str]]:
     return list(itertools.product(COLORS, SHAPES, POSITIONS))
 
 
-def held_out_compositions(seed: int = 1234, fraction: float = 0.1) -> list[tuple[str, str, str]]:
-    """A fixed subset never used for training (each colour, shape, position still seen elsewhere)."""
+def held_out_compositions(seed: int = 1234, count: int = 10) -> list[tuple[str, str, str]]:
+    """A fixed set of (colour, shape, position) never seen in training. Chosen so that every
+    colour, shape and position still appears in training in other combinations."""
     combos = all_compositions()
     rng = random.Random(seed)
     rng.shuffle(combos)
-    return sorted(combos[: max(1, int(len(combos) * fraction))])
+    return sorted(combos[:count])
 
 
-def render(scene: Scene, resolution: int, supersample: int = 4) -> Image.Image:
-    """Draw at `supersample` x resolution, then downsample (anti-aliased edges)."""
+def render(scene: Scene, resolution: int, supersample: int = 4,
+           palette: dict[str, tuple[int, int, int]] | None = None) -> Image.Image:
+    """Draw at `supersample` x resolution, then area-average down (anti-aliased, no ringing)."""
     side = resolution * supersample
-    img = Image.new("RGB", (side, side), BACKGROUND)
+    img = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
-    cx, cy = (f * side for f in POSITIONS[scene.position])
-    r = scene.size * side
-    color = COLORS[scene.color]
-    if scene.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-    elif scene.shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
-    elif scene.shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
-    else:
-        raise ValueError(f"unknown shape {scene.shape!r}")
-    return img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    for o in scene.objects:
+        cx, cy = (f * side for f in POSITIONS[o.position])
+        r = o.radius * side
+        color = (palette or COLORS)[o.color]
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif o.shape == "square":
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+        else:
+            raise ValueError(f"unknown shape {o.shape!r}")
+    return img.resize((resolution, resolution), Image.Resampling.BOX)
 
 
-def sample_scenes(n: int, seed: int, held_out: bool = False) -> list[Scene]:
-    """n scenes drawn from the training compositions (or only the held-out ones)."""
+def _object(rng: random.Random, color: str, shape: str, position: str) -> Obj:
+    size = rng.choice(list(SIZES))
+    return Obj(color, shape, position, size, rng.uniform(*SIZES[size]))
+
+
+def sample_scenes(n: int, seed: int, two_object_fraction: float = 0.25) -> list[Scene]:
+    """n training scenes; none contains a held-out composition."""
     excluded = set(held_out_compositions())
-    pool = sorted(excluded) if held_out else [c for c in all_compositions() if c not in excluded]
+    allowed = [c for c in all_compositions() if c not in excluded]
     rng = random.Random(seed)
-    return [Scene(*rng.choice(pool), size=rng.uniform(0.16, 0.22)) for _ in range(n)]
+    scenes = []
+    for _ in range(n):
+        if rng.random() < two_object_fraction:
+            p1, p2 = rng.choice(PAIRS)
+            c1 = rng.choice([c for c in allowed if c[2] == p1])
+            c2 = rng.choice([c for c in allowed if c[2] == p2 and c[:2] != c1[:2]])
+            objects = (_object(rng, *c1), _object(rng, *c2))
+            if rng.random() < 0.5:
+                objects = objects[::-1]  # either may be named first
+        else:
+            objects = (_object(rng, *rng.choice(allowed)),)
+        bg = rng.choices(list(BACKGROUNDS), weights=(0.6, 0.2, 0.2))[0]
+        template = rng.randrange(len(SCENE_TEMPLATES))
+        scenes.append(Scene(objects, bg, template, tuple(rng.randrange(8) for _ in objects)))
+    return scenes
+
+
+def eval_prompt(color: str, shape: str, position: str) -> str:
+    """The canonical prompt for one composition, as the evaluation asks for it."""
+    return f"a {color} {shape} {PHRASES[position][0]}"
 
 
 def make_examples(n: int, resolution: int, seed: int) -> tuple[list[Image.Image], list[str]]:
-    rng = random.Random(seed + 1)
     scenes = sample_scenes(n, seed)
-    images = [render(s, resolution) for s in scenes]
-    captions = [s.caption(rng.choice(TEMPLATES)) for s in scenes]
-    return images, captions
+    return [render(s, resolution) for s in scenes], [s.caption() for s in scenes]
 
 
 def make_dataset(n: int, resolution: int, seed: int):
@@ -119,7 +171,8 @@ def export_folder(out_dir: str | Path, n: int, resolution: int, seed: int) -> Pa
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Export the built-in shapes data set as an image folder.")
+    parser = argparse.ArgumentParser(description="Export the built-in shapes data set as an image folder "
+                                                 "with metadata.jsonl.")
     parser.add_argument("out_dir")
     parser.add_argument("--num_images", type=int, default=512)
     parser.add_argument("--resolution", type=int, default=32)

@@ -351,3 +351,27 @@ def test_arguments_not_modified_in_place(name, args):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), f"{name} changed argument {i}"
             assert a.dtype == b.dtype and a.shape == b.shape
+
+
+# ---------------------------------------------------------------- min-SNR-gamma weighting
+def test_min_snr_weight_against_the_formula():
+    from ldm.diffusion import min_snr_weight
+
+    snr_t = torch.tensor([0.01, 0.5, 1.0, 5.0, 20.0, 1000.0], dtype=torch.float64)
+    gamma = 5.0
+    expected_eps = torch.tensor([1.0, 1.0, 1.0, 1.0, 5 / 20, 5 / 1000], dtype=torch.float64)
+    torch.testing.assert_close(min_snr_weight(snr_t, gamma, "epsilon"), expected_eps)
+    torch.testing.assert_close(min_snr_weight(snr_t, gamma, "v_prediction"),
+                               torch.minimum(snr_t, torch.tensor(gamma, dtype=torch.float64)) / (snr_t + 1))
+    torch.testing.assert_close(min_snr_weight(snr_t, gamma, "sample"), torch.clamp(snr_t, max=gamma))
+    # matches diffusers' compute_snr-based weighting used in its training examples
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 10, 250, 999])
+    theirs = compute_snr(sched, t)
+    ours = D.snr(sched.alphas_cumprod[t])
+    torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError):
+        min_snr_weight(snr_t, gamma, "x0")

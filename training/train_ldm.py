@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -30,13 +31,14 @@ from tqdm.auto import tqdm
 from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
 from ldm.config import TrainConfig, model_preset, resolve_train_config, save_config
-from ldm.data import collate, load_captioned_dataset, make_batch_transform
-from ldm.diffusion import add_noise, gather, training_target
+from ldm.data import collate, collate_latents, encode_dataset, load_captioned_dataset, make_batch_transform
+from ldm.diffusion import add_noise, gather, min_snr_weight, snr, training_target
 from ldm.images import image_grid
 from ldm.models import components_for_training, count_parameters, with_resolution
 from ldm.schedulers import make_sampler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from pipelines import TextToImagePipeline
+from training.evaluate import evaluate_pipeline, held_out_cases, save_report, summary
 
 logger = get_logger("train_ldm")
 
@@ -65,8 +67,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     # ---------------------------------------------------------------- 1. models
     set_seed(cfg.seed)  # same initial weights on every process
+    pretrained_vae = cfg.pretrained_vae_name_or_path
+    if pretrained_vae is None and not cfg.pretrained_model_name_or_path:
+        pretrained_vae = model_cfg.pretrained_vae  # the preset's own first stage
     comps = components_for_training(model_cfg, pretrained=cfg.pretrained_model_name_or_path,
-                                    pretrained_vae=cfg.pretrained_vae_name_or_path,
+                                    pretrained_vae=None if pretrained_vae == "none" else pretrained_vae,
                                     prediction_type=cfg.prediction_type, seed=cfg.seed)
     vae, text_encoder, tokenizer, unet = comps.vae, comps.text_encoder, comps.tokenizer, comps.unet
     noise_scheduler = comps.noise_scheduler
@@ -98,9 +103,15 @@ def main(argv: list[str] | None = None) -> Path:
         resolution=resolution, seed=cfg.seed, cache_dir=None)
     if cfg.max_train_samples:
         dataset = dataset.select(range(min(cfg.max_train_samples, len(dataset))))
-    dataset = dataset.with_transform(make_batch_transform(resolution, cfg.center_crop, cfg.random_flip, cfg.seed))
+    if cfg.cache_latents and cfg.center_crop and not cfg.random_flip:  # the VAE is frozen: encode once
+        vae.to(accelerator.device)
+        dataset, collate_fn = encode_dataset(vae, dataset, resolution, seed=cfg.seed), collate_latents
+        logger.info("cached the latents of %d images", len(dataset))
+    else:
+        dataset = dataset.with_transform(make_batch_transform(resolution, cfg.center_crop, cfg.random_flip, cfg.seed))
+        collate_fn = collate
     dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate,
+        dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate_fn,
         num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))
 
     # ---------------------------------------------------------------- 3. optimizer
@@ -215,10 +226,12 @@ def main(argv: list[str] | None = None) -> Path:
             batches = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in batches:
             with accelerator.accumulate(unet, text_encoder):
-                with torch.no_grad():  # z = E(x) * scaling_factor: (B, C, H/f, W/f)
-                    pixels = batch["pixel_values"].to(accelerator.device, dtype=vae.dtype)
-                    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                    latents = latents.float()
+                with torch.no_grad():  # z ~ q(z|x), scaled: (B, C, H/f, W/f)
+                    if "moments" in batch:  # cached posterior parameters
+                        posterior = DiagonalGaussianDistribution(batch["moments"].to(accelerator.device))
+                    else:
+                        posterior = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
+                    latents = posterior.sample().float() * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
                 timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
                 a_t = gather(alpha_bar, timesteps)  # (B,)
@@ -229,7 +242,10 @@ def main(argv: list[str] | None = None) -> Path:
                     context = encode_tokens(text_encoder, ids)  # (B, L, D)
                 pred = unet(noisy, timesteps, encoder_hidden_states=context, return_dict=False)[0]
                 target = training_target(prediction_type, latents, noise, a_t)
-                loss = F.mse_loss(pred.float(), target.float())
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+                if cfg.snr_gamma:
+                    loss = loss * min_snr_weight(snr(a_t), cfg.snr_gamma, prediction_type)
+                loss = loss.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -268,7 +284,14 @@ def main(argv: list[str] | None = None) -> Path:
             validate(global_step)
         for name, ema in emas.items():  # the saved model holds the EMA weights
             ema.copy_to(ema_models[name].parameters())
-        build_pipeline().save_pretrained(out)
+        pipe = build_pipeline()
+        pipe.save_pretrained(out)
+        if cfg.eval_images_per_case and not (cfg.train_data_dir or cfg.dataset_name):
+            report, images = evaluate_pipeline(pipe, held_out_cases(), images_per_case=cfg.eval_images_per_case,
+                                               guidance_scale=cfg.validation_guidance_scale, seed=cfg.seed)
+            path = save_report(report, images, out / "eval", cfg.eval_images_per_case)
+            logger.info("held-out compositions: %s -> %s", summary(report), path)
+            print(f"held-out compositions: {summary(report)}")
         (out / "run_info.json").write_text(json.dumps({
             "global_step": global_step, "num_processes": accelerator.num_processes,
             "final_loss": step_loss if global_step else None, "prediction_type": prediction_type,

@@ -1,0 +1,126 @@
+"""Train the first stage: a KL-regularised autoencoder (Rombach et al. 2022, sec. 3 and app. G).
+
+    accelerate launch --config_file accelerate_config.yaml training/train_vae.py [--flags]
+
+loss = sum |x - D(z)| / N + kl_weight * sum KL(q(z|x) || N(0, I)) / N,  z ~ q(z|x),  N = pixels
+(the LDM paper's weighting, with both sums divided by the same N). At the end the latent
+scaling factor 1 / std(z) over the training images is stored in the VAE's config, so that the
+diffusion model sees unit-variance latents, and the VAE is saved in diffusers layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ldm.config import VAEConfig, VAETrainConfig, resolve_config, save_config
+from ldm.data import collate, load_captioned_dataset, make_batch_transform
+from ldm.images import image_grid, tensor_to_pil
+from ldm.models import build_vae, count_parameters
+
+logger = get_logger("train_vae")
+
+
+def vae_loss(x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, reconstruction) per pixel element; `kl` is (B,) summed over latent elements."""
+    n = x.numel()
+    rec = (x - recon).abs().sum() / n
+    return rec + kl_weight * kl.sum() / n, rec
+
+
+@torch.no_grad()
+def latent_std(vae, batches) -> float:
+    """std of posterior samples z ~ q(z|x) over the given batches (what the LDM will train on)."""
+    zs = [vae.encode(b).latent_dist.sample() for b in batches]
+    return torch.cat(zs).float().std().item()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg: VAETrainConfig = resolve_config(VAETrainConfig, argv, description=__doc__.splitlines()[1])
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "train_vae_config.yaml")
+
+    vae_cfg = VAEConfig(block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+                        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+                        scaling_factor=1.0)
+    vae = build_vae(vae_cfg, cfg.resolution)
+    logger.info("VAE: %.2fM parameters, downsampling x%d, %d latent channels", count_parameters(vae) / 1e6,
+                vae_cfg.downsample_factor, cfg.latent_channels)
+
+    dataset = load_captioned_dataset(train_data_dir=cfg.train_data_dir, dataset_name=None,
+                                     image_column=cfg.image_column, caption_column=cfg.caption_column,
+                                     builtin_num_images=cfg.builtin_num_images, resolution=cfg.resolution,
+                                     seed=cfg.seed)
+    dataset = dataset.with_transform(make_batch_transform(cfg.resolution, True, cfg.random_flip, cfg.seed))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True,
+                                         collate_fn=collate, drop_last=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=50 * accelerator.num_processes,
+                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    vae, optimizer, loader, lr_scheduler = accelerator.prepare(vae, optimizer, loader, lr_scheduler)
+
+    step, rec = 0, torch.zeros(())
+    progress = tqdm(total=cfg.max_train_steps, desc="vae steps", disable=not accelerator.is_local_main_process)
+    for _ in range(math.ceil(cfg.max_train_steps / max(len(loader), 1))):
+        for batch in loader:
+            x = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
+            posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
+            recon = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
+            loss, rec = vae_loss(x, recon, posterior.kl(), cfg.kl_weight)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(l1=f"{rec.item():.4f}")
+            if step >= cfg.max_train_steps:
+                break
+        if step >= cfg.max_train_steps:
+            break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        vae = accelerator.unwrap_model(vae).eval()
+        eval_batches = [b["pixel_values"].to(accelerator.device) for _, b in zip(range(8), loader)]
+        std = latent_std(vae, eval_batches)
+        vae.register_to_config(scaling_factor=1.0 / std)
+        with torch.no_grad():
+            x = eval_batches[0][:16]
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+            l1 = (x - recon).abs().mean().item()
+        pairs = [tensor_to_pil(t) for pair in zip(x, recon) for t in pair]  # original, reconstruction
+        image_grid(pairs, cols=8).save(out / "reconstructions.png")
+        vae.save_pretrained(out, safe_serialization=True)
+        (out / "vae_info.json").write_text(json.dumps({
+            "steps": step, "final_train_l1": rec.item(), "eval_l1_posterior_mode": l1,
+            "latent_std": std, "scaling_factor": 1.0 / std}, indent=2) + "\n")
+        logger.info("saved VAE to %s: L1 %.4f (pixels in [-1, 1]), latent std %.3f -> scaling factor %.4f",
+                    out, l1, std, 1.0 / std)
+    accelerator.end_training()
+    return out
+
+
+if __name__ == "__main__":
+    main()
