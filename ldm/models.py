@@ -78,7 +78,7 @@ def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
         prediction_type=cfg.prediction_type,
         clip_sample=False,
         steps_offset=1,
-        timestep_spacing="leading",
+        timestep_spacing=cfg.timestep_spacing,
     )
     # DDIM / PNDM built from this config use alpha_bar_prev = alpha_bar_0 at the last step, as
     # Stable Diffusion's scheduler config does (DDPM itself has no such option).

@@ -89,10 +89,11 @@ def held_out_compositions(seed: int = 1234, count: int = 10) -> list[tuple[str, 
 
 
 def render(scene: Scene, resolution: int, supersample: int = 4,
-           palette: dict[str, tuple[int, int, int]] | None = None) -> Image.Image:
+           palette: dict[str, tuple[int, int, int]] | None = None,
+           background: tuple[int, int, int] | None = None) -> Image.Image:
     """Draw at `supersample` x resolution, then area-average down (anti-aliased, no ringing)."""
     side = resolution * supersample
-    img = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
+    img = Image.new("RGB", (side, side), background or BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         cx, cy = (f * side for f in POSITIONS[o.position])

@@ -244,8 +244,9 @@ def test_save_model_config_writes_plain_yaml(tmp_path):
     save_config(model_preset("tiny"), path)
     data = yaml.safe_load(path.read_text())  # safe_load: no python tags such as !!python/tuple
     assert data["resolution"] == 32
-    assert data["unet"]["block_out_channels"] == [32, 64]
-    assert data["noise"]["beta_schedule"] == "scaled_linear"
+    assert data["unet"]["block_out_channels"] == [32, 64, 128]
+    assert data["noise"]["beta_schedule"] == "squaredcos_cap_v2"
+    assert data["noise"]["prediction_type"] == "v_prediction"
 
 
 # ------------------------------------------------------------------------------- --help

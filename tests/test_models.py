@@ -57,7 +57,8 @@ def test_load_pretrained_from_our_folder(tiny_components, tiny_pipeline_dir):
     assert loaded.text_encoder_pretrained
     sd = tiny_components.unet.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in loaded.unet.state_dict().items())
-    assert loaded.noise_scheduler.config.beta_schedule == "scaled_linear"
+    assert loaded.noise_scheduler.config.beta_schedule == tiny_components.noise_scheduler.config.beta_schedule
+    assert loaded.noise_scheduler.config.prediction_type == tiny_components.noise_scheduler.config.prediction_type
 
 
 def test_attention_falls_back_to_sdpa_with_one_clear_line(tiny_components, caplog):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import make_pipeline
+from ldm.config import model_preset
 from ldm.schedulers import SAMPLERS
 from pipelines import TextToImagePipeline
 
@@ -95,8 +96,10 @@ def test_guidance_rescale(tiny_pipe):
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_runs_from_the_training_schedule(tiny_components, name):
     pipe = make_pipeline(tiny_components, name)
-    assert pipe.scheduler.config.num_train_timesteps == 1000
-    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    noise = model_preset("tiny").noise
+    assert pipe.scheduler.config.num_train_timesteps == noise.num_train_timesteps
+    assert pipe.scheduler.config.beta_schedule == noise.beta_schedule
+    assert pipe.scheduler.config.prediction_type == noise.prediction_type
     out = pipe("a red circle", num_inference_steps=STEPS, generator=gen(0), output_type="np").images
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
 

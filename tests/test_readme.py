@@ -17,7 +17,8 @@ README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
 SHORT = ["--max_train_steps", "3", "--train_batch_size", "4", "--builtin_num_images", "24",
          "--checkpointing_steps", "3", "--validation_steps", "0", "--validation_inference_steps", "2",
-         "--num_validation_images", "1", "--report_to", "none", "--lr_warmup_steps", "1"]
+         "--num_validation_images", "1", "--report_to", "none", "--lr_warmup_steps", "1",
+         "--eval_images_per_case", "1"]
 # Real-world values that a 2-core CPU test cannot use, and what stands in for them.
 STAND_INS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "outputs/ldm",
@@ -63,7 +64,7 @@ def workdir(tmp_path_factory, tiny_components):
     from conftest import make_pipeline
 
     work = tmp_path_factory.mktemp("readme")
-    for name in ("training", "accelerate_config.yaml"):
+    for name in ("training", "benchmarks", "accelerate_config.yaml"):
         (work / name).symlink_to(ROOT / name)
     make_pipeline(tiny_components, "dpm++").save_pretrained(work / "outputs" / "ldm")
     return work
@@ -86,8 +87,12 @@ def test_every_readme_command_runs(workdir):
         cmd = cmd.replace('pip install -e ".[dev]" && ', "")  # installed already, as CI does
         for real, stand_in in STAND_INS.items():
             cmd = cmd.replace(real, stand_in)
-        if cmd.startswith("python -m ldm.synthetic"):
+        if cmd.startswith("python -m ldm.synthetic") or cmd.startswith("python benchmarks/custom_shapes.py"):
             cmd += " --num_images 24"
+        elif cmd.startswith("python training/evaluate.py"):
+            cmd += " --images_per_case 1 --num_inference_steps 2"
+        elif "training/train_vae.py" in cmd:
+            cmd += " --max_train_steps 2 --builtin_num_images 32 --train_batch_size 8"
         elif "accelerate launch" in cmd:
             cmd += " " + " ".join(SHORT)
             if "--resume_from_checkpoint" in cmd:
@@ -100,10 +105,13 @@ def test_every_readme_command_runs(workdir):
         ran += 1
         if "--resume_from_checkpoint" in cmd:
             assert "resumed from" in proc.stderr
-    assert ran == 8
+    assert ran == 13
     assert (workdir / "data" / "shapes" / "metadata.jsonl").exists()
-    for out in ("ldm", "shapes", "ldm-finetuned", "sd15-finetuned", "shapes-again", "ddp-cpu"):
+    for out in ("ldm", "shapes", "ldm-finetuned", "sd15-finetuned", "shapes-again", "ddp-cpu", "custom_ldm"):
         assert (workdir / "outputs" / out / "model_index.json").exists(), out
+    assert (workdir / "outputs" / "tiny_vae" / "config.json").exists()
+    assert (workdir / "outputs" / "ldm" / "eval" / "eval.json").exists()
+    assert (workdir / "outputs" / "custom_ldm" / "eval" / "eval.json").exists()
 
 
 def test_readme_python_block_runs(tiny_pipeline_dir, tmp_path):

@@ -28,7 +28,7 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 FAST = ["--max_train_steps", "4", "--train_batch_size", "8", "--builtin_num_images", "48",
         "--checkpointing_steps", "2", "--validation_steps", "0", "--validation_inference_steps", "2",
         "--num_validation_images", "1", "--validation_prompts", "a red circle", "a blue square",
-        "--lr_warmup_steps", "1", "--report_to", "none"]
+        "--lr_warmup_steps", "1", "--report_to", "none", "--eval_images_per_case", "1"]
 
 
 def launch(args: list[str], *, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -69,6 +69,19 @@ def test_help_lists_the_diffusers_flag_names():
 
 
 @pytest.mark.slow
+def test_default_data_run_prints_and_saves_the_held_out_score(tmp_path):
+    out = tmp_path / "default"
+    proc = launch(["--output_dir", str(out), *FAST, "--eval_images_per_case", "2"])
+    assert "held-out compositions: all attributes" in proc.stdout
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    assert report["images"] == 20 and len(report["cases"]) == 10
+    assert 0.0 <= report["all"] <= min(report["color"], report["shape"], report["position"]) <= 1.0
+    assert (out / "eval" / "eval_grid.png").exists()
+    vae = json.loads((out / "vae" / "config.json").read_text())
+    assert vae["scaling_factor"] != 1.0  # the shipped, pretrained first stage, not a random one
+
+
+@pytest.mark.slow
 def test_end_to_end_on_a_user_folder_gives_a_loadable_pipeline(tmp_path):
     data = export_folder(tmp_path / "data", n=40, resolution=32, seed=5)
     out = tmp_path / "run"
@@ -77,6 +90,7 @@ def test_end_to_end_on_a_user_folder_gives_a_loadable_pipeline(tmp_path):
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (out / sub).is_dir(), sub
     assert json.loads((out / "run_info.json").read_text())["global_step"] == 4
+    assert not (out / "eval").exists()  # the held-out score is for the built-in data only
     cfg = yaml.safe_load((out / "train_config.yaml").read_text())
     assert cfg["train_data_dir"] == str(data) and cfg["max_train_steps"] == 4
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]  # rotated, limit 1

@@ -35,6 +35,7 @@ from ldm.data import collate, collate_latents, encode_dataset, load_captioned_da
 from ldm.diffusion import add_noise, gather, min_snr_weight, snr, training_target
 from ldm.images import image_grid
 from ldm.models import components_for_training, count_parameters, with_resolution
+from ldm.runtime import use_cpu_cores
 from ldm.schedulers import make_sampler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from pipelines import TextToImagePipeline
@@ -62,8 +63,10 @@ def main(argv: list[str] | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "train_config.yaml")
         save_config(model_cfg, out / "model_config.yaml")
-    logger.info("processes: %d, device: %s, mixed precision: %s", accelerator.num_processes,
-                accelerator.device, accelerator.mixed_precision)
+    if accelerator.device.type == "cpu":
+        use_cpu_cores(accelerator.num_processes, cfg.cpu_threads)
+    logger.info("processes: %d, device: %s (%d threads), mixed precision: %s", accelerator.num_processes,
+                accelerator.device, torch.get_num_threads(), accelerator.mixed_precision)
 
     # ---------------------------------------------------------------- 1. models
     set_seed(cfg.seed)  # same initial weights on every process

@@ -30,6 +30,7 @@ from ldm.config import VAEConfig, VAETrainConfig, resolve_config, save_config
 from ldm.data import collate, load_captioned_dataset, make_batch_transform
 from ldm.images import image_grid, tensor_to_pil
 from ldm.models import build_vae, count_parameters
+from ldm.runtime import use_cpu_cores
 
 logger = get_logger("train_vae")
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.device.type == "cpu":
+        use_cpu_cores(accelerator.num_processes)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
