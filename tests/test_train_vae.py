@@ -47,7 +47,7 @@ def test_shipped_tiny_vae_reconstructs_and_gives_unit_variance_latents():
     vae = AutoencoderKL.from_pretrained(ASSETS / "tiny_vae")
     assert (ASSETS / "tiny_vae" / "diffusion_pytorch_model.safetensors").stat().st_size < 4_000_000
     images, _ = make_examples(64, 32, seed=123)  # a seed it was not trained on
-    x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images])
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
     x = x.float() / 127.5 - 1
     with torch.no_grad():
         z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(0))
