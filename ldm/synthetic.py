@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -179,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
     path = export_folder(args.out_dir, args.num_images, args.resolution, args.seed)
-    print(f"wrote {args.num_images} images and metadata.jsonl to {path}")
+    logger.info("wrote %d images and metadata.jsonl to %s", args.num_images, path)
 
 
 if __name__ == "__main__":

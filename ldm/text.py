@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
+from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -111,3 +113,16 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     Ho & Salimans 2022). "" is also what the pipeline encodes for the unconditional branch."""
     keep = torch.rand(len(captions), generator=generator) >= p
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def write_bpe_files(tokenizer_dir: Path) -> None:
+    """Write vocab.json and merges.txt from tokenizer.json (BPE models) if they are missing."""
+    tok_json = tokenizer_dir / "tokenizer.json"
+    if not tok_json.exists() or (tokenizer_dir / "vocab.json").exists():
+        return
+    model = json.loads(tok_json.read_text(encoding="utf-8")).get("model", {})
+    if model.get("type") != "BPE":
+        return
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -25,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion import classifier_free_guidance, rescale_guidance
 from ldm.schedulers import make_sampler
-from ldm.text import encode_tokens, tokenize
+from ldm.text import encode_tokens, tokenize, write_bpe_files
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -188,15 +188,3 @@ class TextToImagePipeline(DiffusionPipeline):
             return (images,)
         return TextToImageOutput(images=images)
 
-
-def write_bpe_files(tokenizer_dir: Path) -> None:
-    """Write vocab.json and merges.txt from tokenizer.json (BPE models) if they are missing."""
-    tok_json = tokenizer_dir / "tokenizer.json"
-    if not tok_json.exists() or (tokenizer_dir / "vocab.json").exists():
-        return
-    model = json.loads(tok_json.read_text(encoding="utf-8")).get("model", {})
-    if model.get("type") != "BPE":
-        return
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
-    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -174,18 +174,11 @@ def sd_alpha_bar():
 TIMESTEPS = torch.tensor([0, 1, 250, 999])
 
 
-def test_add_noise_matches_diffusers(sd_scheduler, sd_alpha_bar):
+@pytest.mark.parametrize("ours_fn,theirs_name", [(D.add_noise, "add_noise"), (D.velocity, "get_velocity")])
+def test_forward_process_matches_diffusers(sd_scheduler, sd_alpha_bar, ours_fn, theirs_name):
     x0, eps = _pair((4, 4, 8, 8))
-    ours = D.add_noise(x0, eps, D.gather(sd_alpha_bar, TIMESTEPS))
-    ref = sd_scheduler.add_noise(x0, eps, TIMESTEPS)
-    assert ours.shape == x0.shape and ours.dtype == x0.dtype
-    torch.testing.assert_close(ours, ref, **F32)
-
-
-def test_velocity_matches_diffusers(sd_scheduler, sd_alpha_bar):
-    x0, eps = _pair((4, 4, 8, 8))
-    ours = D.velocity(x0, eps, D.gather(sd_alpha_bar, TIMESTEPS))
-    ref = sd_scheduler.get_velocity(x0, eps, TIMESTEPS)
+    ours = ours_fn(x0, eps, D.gather(sd_alpha_bar, TIMESTEPS))
+    ref = getattr(sd_scheduler, theirs_name)(x0, eps, TIMESTEPS)
     assert ours.shape == x0.shape and ours.dtype == x0.dtype
     torch.testing.assert_close(ours, ref, **F32)
 

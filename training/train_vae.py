@@ -35,6 +35,19 @@ from ldm.runtime import use_cpu_cores
 logger = get_logger("train_vae")
 
 
+class ReconstructionWithKL(torch.nn.Module):
+    """x -> (D(z), KL(q(z|x) || N(0, I)) per sample), z ~ q(z|x). One forward, so that DDP /
+    FSDP wrappers see the whole computation (calling the unwrapped VAE would skip their hooks)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl()
+
+
 def vae_loss(x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, reconstruction) per pixel element; `kl` is (B,) summed over latent elements."""
     n = x.numel()
@@ -79,18 +92,18 @@ def main(argv: list[str] | None = None) -> Path:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=50 * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
-    vae, optimizer, loader, lr_scheduler = accelerator.prepare(vae, optimizer, loader, lr_scheduler)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(ReconstructionWithKL(vae), optimizer, loader,
+                                                                 lr_scheduler)
 
     step, rec = 0, torch.zeros(())
     progress = tqdm(total=cfg.max_train_steps, desc="vae steps", disable=not accelerator.is_local_main_process)
     for _ in range(math.ceil(cfg.max_train_steps / max(len(loader), 1))):
         for batch in loader:
             x = batch["pixel_values"]  # (B, 3, R, R) in [-1, 1]
-            posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
-            recon = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
-            loss, rec = vae_loss(x, recon, posterior.kl(), cfg.kl_weight)
+            recon, kl = model(x)
+            loss, rec = vae_loss(x, recon, kl, cfg.kl_weight)
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(vae.parameters(), 1.0)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -105,7 +118,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        vae = accelerator.unwrap_model(vae).eval()
+        vae = accelerator.unwrap_model(model).vae.eval()
         eval_batches = [b["pixel_values"].to(accelerator.device) for _, b in zip(range(8), loader)]
         std = latent_std(vae, eval_batches)
         vae.register_to_config(scaling_factor=1.0 / std)
