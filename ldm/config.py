@@ -161,8 +161,9 @@ class TrainConfig:
     pretrained_vae_name_or_path: str | None = _help(
         "diffusers-layout VAE folder (or a pipeline folder with vae/) to use frozen; default: the "
         "preset's own (tiny ships one), 'none' for a random one", default=None)
-    train_text_encoder: bool = _help(
-        "train a pretrained text encoder too (one built from scratch is always trained)", default=False)
+    train_text_encoder: bool | None = _help(
+        "train the text encoder (default: a pretrained one stays frozen, one built from scratch is "
+        "trained)", default=None)
     prediction_type: str | None = _help("epsilon | v_prediction (default: the model's own)", default=None)
     attention_backend: str = _help("auto | sdpa | xformers", default="auto")
     # data
@@ -178,6 +179,10 @@ class TrainConfig:
                                    default=0.1)
     snr_gamma: float | None = _help("min-SNR-gamma loss weighting (Hang et al. 2023; 0 or none: off)",
                                     default=5.0)
+    timestep_bias_strategy: str = _help(
+        "none | later (more of the noisiest timesteps) | earlier", default="none")
+    timestep_bias_multiplier: float = _help("weight of the biased timesteps against the others", default=1.0)
+    timestep_bias_portion: float = _help("fraction of the timesteps that is biased", default=0.25)
     builtin_num_images: int = _help("size of the built-in synthetic data set (no data flags)",
                                     default=4096)
     max_train_samples: int | None = _help("use only the first N samples", default=None)
@@ -347,6 +352,12 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.timestep_bias_strategy not in ("none", "later", "earlier"):
+        raise ValueError(f"--timestep_bias_strategy must be none, later or earlier, got {cfg.timestep_bias_strategy!r}")
+    if cfg.timestep_bias_strategy != "none" and not (0 < cfg.timestep_bias_portion <= 1
+                                                      and cfg.timestep_bias_multiplier > 0):
+        raise ValueError("--timestep_bias_portion must be in (0, 1] and --timestep_bias_multiplier > 0, got "
+                         f"{cfg.timestep_bias_portion} and {cfg.timestep_bias_multiplier}")
     if cfg.attention_backend not in ("auto", "sdpa", "xformers"):
         raise ValueError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
 
@@ -359,6 +370,10 @@ class VAETrainConfig:
     train_data_dir: str | None = _help("image folder (default: the built-in shapes)", default=None)
     image_column: str = _help("image column of the data set", default="image")
     caption_column: str = _help("caption column (only read to validate the folder)", default="text")
+    timestep_bias_strategy: str = _help(
+        "none | later (more of the noisiest timesteps) | earlier", default="none")
+    timestep_bias_multiplier: float = _help("weight of the biased timesteps against the others", default=1.0)
+    timestep_bias_portion: float = _help("fraction of the timesteps that is biased", default=0.25)
     builtin_num_images: int = _help("size of the built-in data set", default=4096)
     resolution: int = _help("image side", default=32)
     block_out_channels: list[int] = _help("channels per level; downsampling 2**(levels-1)",

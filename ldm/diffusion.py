@@ -120,6 +120,29 @@ def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> t
     raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
 
 
+def timestep_probabilities(num_timesteps: int, strategy: str = "none", multiplier: float = 1.0,
+                           portion: float = 0.25) -> torch.Tensor:
+    """(T,) sampling probabilities of the training timesteps (diffusers' `timestep_bias_*` flags).
+
+    "none": uniform. "later" / "earlier": the last / first `portion` of the timesteps (the noisiest /
+    cleanest) get `multiplier` times the weight of the others. Layout is decided only at the
+    noisiest timesteps, so "later" spends more of a short run where the prompt must say where.
+    """
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    if strategy == "none":
+        return weights / weights.sum()
+    if strategy not in ("later", "earlier"):
+        raise ValueError(f"timestep bias strategy must be none, later or earlier, got {strategy!r}")
+    if not 0.0 < portion <= 1.0 or multiplier <= 0.0:
+        raise ValueError(f"need 0 < portion <= 1 and multiplier > 0, got {portion} and {multiplier}")
+    count = max(1, round(portion * num_timesteps))
+    if strategy == "later":
+        weights[num_timesteps - count :] = multiplier
+    else:
+        weights[:count] = multiplier
+    return weights / weights.sum()
+
+
 # ------------------------------------------------------------------------------- guidance
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """uncond + s (cond - uncond) over every channel (Ho & Salimans 2022, eq. 6).

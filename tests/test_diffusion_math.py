@@ -368,3 +368,21 @@ def test_min_snr_weight_against_the_formula():
     torch.testing.assert_close(ours, theirs)
     with pytest.raises(ValueError):
         min_snr_weight(snr_t, gamma, "x0")
+
+
+def test_timestep_bias_probabilities():
+    from ldm.diffusion import timestep_probabilities
+
+    uniform = timestep_probabilities(1000)
+    torch.testing.assert_close(uniform, torch.full((1000,), 1e-3, dtype=torch.float64))
+    later = timestep_probabilities(1000, "later", multiplier=5.0, portion=0.1)
+    assert later.sum().item() == pytest.approx(1.0)
+    # 100 timesteps at weight 5 against 900 at weight 1: the noisiest tenth gets 500/1400 of the draws
+    assert later[900:].sum().item() == pytest.approx(500 / 1400)
+    assert later[899].item() == pytest.approx(1 / 1400) and later[999].item() == pytest.approx(5 / 1400)
+    earlier = timestep_probabilities(1000, "earlier", multiplier=5.0, portion=0.1)
+    torch.testing.assert_close(earlier, later.flip(0))
+    with pytest.raises(ValueError, match="strategy"):
+        timestep_probabilities(1000, "middle")
+    with pytest.raises(ValueError, match="portion"):
+        timestep_probabilities(1000, "later", portion=0.0)

@@ -32,7 +32,7 @@ from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
 from ldm.config import TrainConfig, model_preset, resolve_train_config, save_config
 from ldm.data import collate, collate_latents, encode_dataset, load_captioned_dataset, make_batch_transform
-from ldm.diffusion import add_noise, gather, min_snr_weight, snr, training_target
+from ldm.diffusion import add_noise, gather, min_snr_weight, snr, timestep_probabilities, training_target
 from ldm.images import image_grid
 from ldm.models import components_for_training, count_parameters, with_resolution
 from ldm.runtime import use_cpu_cores
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> Path:
     prediction_type = noise_scheduler.config.prediction_type
     # A text encoder built from scratch is trained jointly (as in the LDM paper); a pretrained
     # one stays frozen unless --train_text_encoder.
-    train_te = cfg.train_text_encoder or not comps.text_encoder_pretrained
+    train_te = (not comps.text_encoder_pretrained) if cfg.train_text_encoder is None else cfg.train_text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(train_te)
     unet.train()
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> Path:
         ema.to(accelerator.device)
     alpha_bar = noise_scheduler.alphas_cumprod.to(accelerator.device)  # (T,)
     num_timesteps = noise_scheduler.config.num_train_timesteps
+    timestep_probs = timestep_probabilities(num_timesteps, cfg.timestep_bias_strategy,
+                                            cfg.timestep_bias_multiplier, cfg.timestep_bias_portion).float()
     steps_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
     num_epochs = math.ceil(cfg.max_train_steps / steps_per_epoch)
 
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> Path:
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
                     latents = posterior.sample().float() * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
+                timesteps = torch.multinomial(timestep_probs, latents.shape[0], replacement=True).to(latents.device)
                 a_t = gather(alpha_bar, timesteps)  # (B,)
                 noisy = add_noise(latents, noise, a_t)  # x_t, DDPM eq. 4
                 captions = drop_captions(batch["text"], cfg.caption_dropout, generator=None)
