@@ -78,6 +78,21 @@ class NoiseConfig:
     timestep_spacing: str = "leading"
 
 
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The training objective a preset recommends; `TrainConfig` flags left unset take these.
+
+    The default is the usual one for Stable Diffusion training and fine-tuning: uniform
+    timesteps with min-SNR-5 weighting (Hang et al. 2023).
+    """
+
+    snr_gamma: float | None = 5.0  # None: no re-weighting (plain MSE on the model's target)
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    train_text_encoder: bool | None = None  # None: train one built from scratch, freeze a pretrained one
+
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -88,6 +103,7 @@ class ModelConfig:
     vae: VAEConfig
     text: TextEncoderConfig
     noise: NoiseConfig = NoiseConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     # A pretrained, frozen first stage used when no other is given (None: random weights).
     pretrained_vae: str | None = None
 
@@ -127,6 +143,13 @@ def _tiny() -> ModelConfig:
         # and trailing spacing makes sampling start from t = T.
         noise=NoiseConfig(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
                           timestep_spacing="trailing"),
+        # Where an object is stays readable from x_t down to SNR ~0.01 (it is large and flat), so
+        # only the noisiest ~7% of timesteps need the position words; min-SNR weighting gives those
+        # a weight of ~SNR, i.e. nothing, and uniform sampling visits them rarely. Measured (1,800
+        # steps, held-out): min-SNR 5 + uniform: position 11%; plain v-loss + 3-5x more of the
+        # noisiest tenth: position 100%.
+        objective=ObjectiveConfig(snr_gamma=None, timestep_bias_strategy="later",
+                                  timestep_bias_multiplier=3.0, timestep_bias_portion=0.1),
         pretrained_vae=str(ASSETS / "tiny_vae"),
     )
 
@@ -162,8 +185,8 @@ class TrainConfig:
         "diffusers-layout VAE folder (or a pipeline folder with vae/) to use frozen; default: the "
         "preset's own (tiny ships one), 'none' for a random one", default=None)
     train_text_encoder: bool | None = _help(
-        "train the text encoder (default: a pretrained one stays frozen, one built from scratch is "
-        "trained)", default=None)
+        "train the text encoder (default: the preset's choice for a model built from scratch; a "
+        "pretrained one stays frozen)", default=None)
     prediction_type: str | None = _help("epsilon | v_prediction (default: the model's own)", default=None)
     attention_backend: str = _help("auto | sdpa | xformers", default="auto")
     # data
@@ -177,12 +200,16 @@ class TrainConfig:
                               default=False)
     caption_dropout: float = _help("probability of an empty caption (classifier-free guidance)",
                                    default=0.1)
-    snr_gamma: float | None = _help("min-SNR-gamma loss weighting (Hang et al. 2023; 0 or none: off)",
-                                    default=5.0)
-    timestep_bias_strategy: str = _help(
-        "none | later (more of the noisiest timesteps) | earlier", default="none")
-    timestep_bias_multiplier: float = _help("weight of the biased timesteps against the others", default=1.0)
-    timestep_bias_portion: float = _help("fraction of the timesteps that is biased", default=0.25)
+    # The objective: unset (None) takes the preset's `ObjectiveConfig` when training from scratch
+    # and the Stable Diffusion one (min-SNR 5, uniform timesteps) from a pretrained model.
+    snr_gamma: float | None = _help(
+        "min-SNR-gamma loss weighting (Hang et al. 2023; 0: off; default: the preset's)", default=None)
+    timestep_bias_strategy: str | None = _help(
+        "none | later (more of the noisiest timesteps) | earlier (default: the preset's)", default=None)
+    timestep_bias_multiplier: float | None = _help(
+        "weight of the biased timesteps against the others (default: the preset's)", default=None)
+    timestep_bias_portion: float | None = _help(
+        "fraction of the timesteps that is biased (default: the preset's)", default=None)
     builtin_num_images: int = _help("size of the built-in synthetic data set (no data flags)",
                                     default=4096)
     max_train_samples: int | None = _help("use only the first N samples", default=None)
@@ -317,7 +344,20 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
 def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < YAML (`--config`) < flags given on the command line."""
     cfg = resolve_config(TrainConfig, argv)
+    model_preset(cfg.preset)
+    cfg = fill_objective(cfg, ObjectiveConfig() if cfg.pretrained_model_name_or_path
+                         else model_preset(cfg.preset).objective)
     validate(cfg)
+    return cfg
+
+
+def fill_objective(cfg: TrainConfig, objective: ObjectiveConfig) -> TrainConfig:
+    """Objective flags that were not given take `objective`'s values; `--snr_gamma 0` means off."""
+    values = {f.name: getattr(objective, f.name) for f in dataclasses.fields(ObjectiveConfig)
+              if getattr(cfg, f.name) is None}
+    cfg = dataclasses.replace(cfg, **values)
+    if cfg.snr_gamma == 0:
+        cfg = dataclasses.replace(cfg, snr_gamma=None)
     return cfg
 
 
@@ -370,10 +410,6 @@ class VAETrainConfig:
     train_data_dir: str | None = _help("image folder (default: the built-in shapes)", default=None)
     image_column: str = _help("image column of the data set", default="image")
     caption_column: str = _help("caption column (only read to validate the folder)", default="text")
-    timestep_bias_strategy: str = _help(
-        "none | later (more of the noisiest timesteps) | earlier", default="none")
-    timestep_bias_multiplier: float = _help("weight of the biased timesteps against the others", default=1.0)
-    timestep_bias_portion: float = _help("fraction of the timesteps that is biased", default=0.25)
     builtin_num_images: int = _help("size of the built-in data set", default=4096)
     resolution: int = _help("image side", default=32)
     block_out_channels: list[int] = _help("channels per level; downsampling 2**(levels-1)",

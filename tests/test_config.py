@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import yaml
 
-from ldm.config import (PRESETS, TrainConfig, build_parser, model_preset, resolve_train_config,
+from ldm.config import (PRESETS, ObjectiveConfig, TrainConfig, build_parser, fill_objective, model_preset, resolve_train_config,
                         save_config)
 
 
@@ -16,9 +16,42 @@ def _write_yaml(path, data) -> str:
     return str(path)
 
 
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """A config with the unset objective flags filled in from its preset, as the CLI does."""
+    return fill_objective(cfg, model_preset(cfg.preset).objective)
+
+
 # ------------------------------------------------------------------------------- defaults / flags
-def test_no_flags_gives_dataclass_defaults():
-    assert resolve_train_config([]) == TrainConfig()
+def test_no_flags_gives_dataclass_defaults_with_the_presets_objective():
+    tiny = model_preset("tiny").objective
+    expected = dataclasses.replace(
+        TrainConfig(), snr_gamma=tiny.snr_gamma, timestep_bias_strategy=tiny.timestep_bias_strategy,
+        timestep_bias_multiplier=tiny.timestep_bias_multiplier, timestep_bias_portion=tiny.timestep_bias_portion,
+        train_text_encoder=tiny.train_text_encoder)
+    assert resolve_train_config([]) == expected
+
+
+def test_objective_comes_from_the_preset_unless_given(tmp_path):
+    tiny = model_preset("tiny").objective
+    assert tiny != ObjectiveConfig()  # the tiny preset really has its own objective
+    cfg = resolve_train_config([])
+    assert (cfg.snr_gamma, cfg.timestep_bias_strategy) == (tiny.snr_gamma, tiny.timestep_bias_strategy)
+    # given flags win, and 0 switches min-SNR off
+    cfg = resolve_train_config(["--snr_gamma", "0", "--timestep_bias_strategy", "none"])
+    assert cfg.snr_gamma is None and cfg.timestep_bias_strategy == "none"
+    assert resolve_train_config(["--snr_gamma", "3"]).snr_gamma == 3.0
+    # a pretrained model gets the Stable Diffusion objective, not the tiny preset's
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    cfg = resolve_train_config(["--pretrained_model_name_or_path", str(folder)])
+    assert (cfg.snr_gamma, cfg.timestep_bias_strategy, cfg.train_text_encoder) == (5.0, "none", None)
+
+
+def test_bad_timestep_bias_is_refused():
+    with pytest.raises(ValueError, match="timestep_bias_strategy"):
+        resolve_train_config(["--timestep_bias_strategy", "middle"])
+    with pytest.raises(ValueError, match="timestep_bias_portion"):
+        resolve_train_config(["--timestep_bias_strategy", "later", "--timestep_bias_portion", "0"])
 
 
 def test_defaults_known_values():
@@ -48,10 +81,9 @@ def test_flags_override_defaults_with_types():
     assert cfg.output_dir == "out/x"
     assert cfg.prediction_type == "v_prediction"
     assert cfg.preset == "sd15"
-    # everything else untouched
-    changed = {"train_batch_size", "learning_rate", "resolution", "output_dir", "prediction_type",
-               "preset"}
-    d, default = cfg.to_dict(), TrainConfig().to_dict()
+    # everything else untouched (the objective is the sd15 preset's)
+    changed = {"train_batch_size", "learning_rate", "resolution", "output_dir", "prediction_type"}
+    d, default = cfg.to_dict(), resolved(TrainConfig(preset="sd15")).to_dict()
     assert {k for k in d if d[k] != default[k]} == changed
 
 
@@ -200,7 +232,7 @@ def test_yaml_values_are_validated(tmp_path):
 def test_empty_yaml_gives_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    assert resolve_train_config(["--config", str(path)]) == TrainConfig(config=str(path))
+    assert resolve_train_config(["--config", str(path)]) == resolved(TrainConfig(config=str(path)))
 
 
 def test_non_mapping_yaml_raises(tmp_path):
@@ -232,7 +264,7 @@ def test_save_config_round_trips(tmp_path):
 
 
 def test_save_config_round_trips_defaults_and_sd15(tmp_path):
-    for cfg in (TrainConfig(), TrainConfig(preset="sd15", learning_rate=1e-4, ema_decay=0.9999)):
+    for cfg in (resolved(TrainConfig()), resolved(TrainConfig(preset="sd15", learning_rate=1e-4, ema_decay=0.9999))):
         path = tmp_path / "c.yaml"
         save_config(cfg, path)
         assert resolve_train_config(["--config", str(path)]) == dataclasses.replace(cfg, config=str(path))
