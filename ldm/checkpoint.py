@@ -1,21 +1,29 @@
 """Resumable training checkpoints: atomic folders, rotation, EMA state as safetensors.
 
-A checkpoint is written as `checkpoint-<step>.tmp`, completed with a `COMPLETE` marker, then
-renamed to `checkpoint-<step>`; only complete folders are ever resumed from, and old ones are
-deleted only after the new one is complete.
+A checkpoint is written as `checkpoint-<step>.tmp`, fsynced, completed with a `COMPLETE` marker
+(written last: the size and SHA-256 of every file, and the run's fingerprint), then renamed to
+`checkpoint-<step>`. Resume only considers complete folders and checks each file against the
+marker: a truncated or missing file makes it fall back to the previous checkpoint with a warning
+naming the file. Old checkpoints are deleted only after the new one is complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -37,18 +45,67 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_marker(path: Path) -> dict:
+    return json.loads((path / MARKER).read_text())
+
+
+def verify(path: Path) -> str | None:
+    """None if every file the marker lists is there with its size and hash; else what is wrong,
+    naming the file."""
+    try:
+        marker = read_marker(path)
+    except (OSError, ValueError) as err:
+        return f"{path / MARKER}: unreadable completion marker ({err})"
+    for rel, meta in marker.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{f}: {f.stat().st_size} bytes, {meta['size']} when saved (truncated?)"
+        if _sha256(f) != meta["sha256"]:
+            return f"{f}: contents changed since it was saved (hash mismatch)"
+    return None
+
+
 def resolve_resume(output_dir: str | Path, resume: str | None) -> tuple[int, Path] | None:
-    """`latest` -> newest complete checkpoint (None if there is none); a path -> that one."""
+    """`latest` -> the newest complete checkpoint whose files check out, warning about (and
+    skipping) damaged newer ones; None if there never was one. A path -> that one, or an error.
+
+    Raises if checkpoints exist but every one is damaged: starting again from scratch would
+    silently throw the run away.
+    """
     if not resume:
         return None
     if resume == "latest":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        root = Path(output_dir) / "checkpoints"
+        complete = complete_checkpoints(output_dir)
+        problems = []
+        for step, path in reversed(complete):
+            problem = verify(path)
+            if problem is None:
+                if problems:
+                    logger.warning("resuming from %s instead: %s", path.name, "; ".join(problems))
+                return step, path
+            problems.append(f"{path.name} is damaged ({problem})")
+        if problems:
+            raise RuntimeError("no usable checkpoint under " + str(root) + ": " + "; ".join(problems))
+        return None
     path = Path(resume)
     m = _NAME.match(path.name)
     if not m or not (path / MARKER).exists():
         raise FileNotFoundError(f"--resume_from_checkpoint {resume!r} is not a complete checkpoint "
                                 f"folder (checkpoint-<step> with a {MARKER} marker)")
+    problem = verify(path)
+    if problem:
+        raise RuntimeError(f"--resume_from_checkpoint {resume!r} is damaged: {problem}")
     return int(m.group(1)), path
 
 
@@ -56,22 +113,66 @@ def temp_dir(final: Path) -> Path:
     return final.with_name(final.name + ".tmp")
 
 
-def commit(final: Path, step: int) -> None:
-    """Main process only: mark the temp folder complete, fsync, and rename it into place."""
-    tmp = temp_dir(final)
-    (tmp / MARKER).write_text(json.dumps({"step": step}) + "\n")
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def commit(final: Path, step: int, fingerprint: dict | None = None) -> None:
+    """Main process only: fsync the temp folder's files, write the marker last (file sizes and
+    hashes, the run fingerprint), fsync it, and rename the folder into place."""
+    tmp = temp_dir(final)
+    files = {}
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file() and f.name != MARKER:
+            _fsync(f)
+            files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    marker = {"step": step, "files": files, "fingerprint": fingerprint or {}}
+    with open(tmp / MARKER, "w") as fh:
+        fh.write(json.dumps(marker, indent=1) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+
+
+def data_fingerprint(dataset) -> str:
+    """Identity of a captioned data set that survives moving it (another mount point, copied
+    files with new mtimes): its size and a hash of every caption in order."""
+    digest = hashlib.sha256(str(len(dataset)).encode())
+    for caption in dataset["text"]:
+        digest.update(json.dumps(caption).encode())
+    return f"{len(dataset)} examples, captions {digest.hexdigest()[:16]}"
+
+
+def model_fingerprint(model_cfg: Any, *parts: Any) -> str:
+    """A short hash of the architecture (a ModelConfig) and anything else that defines the model."""
+    text = json.dumps([dataclasses.asdict(model_cfg), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_finite(groups: dict[str, Any]) -> None:
+    """Refuse to write a checkpoint holding NaN or Inf: name the first bad tensor.
+    groups: name -> a module or a list of tensors."""
+    for group, holder in groups.items():
+        named = (holder.named_parameters() if isinstance(holder, torch.nn.Module)
+                 else ((str(i), t) for i, t in enumerate(holder)))
+        for name, tensor in named:
+            if not torch.isfinite(tensor.detach()).all():
+                raise RuntimeError(f"refusing to save a checkpoint: {group} {name} holds NaN or Inf")
+
+
+def drift(saved: dict, current: dict) -> list[str]:
+    """What differs between a checkpoint's fingerprint and this run's, one line per key."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
+            for k in keys if saved.get(k) != current.get(k)]
 
 
 def rotate(output_dir: str | Path, keep: int | None) -> list[Path]:

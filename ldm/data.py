@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -114,11 +114,15 @@ class CachedLatents(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def encode_dataset(vae, dataset, resolution: int, batch_size: int = 128, seed: int = 0) -> CachedLatents:
-    """Encode every image once (center crop, no flip: the only transform a cache can hold)."""
+def encode_dataset(vae, dataset, resolution: int, batch_size: int = 128, seed: int = 0,
+                   should_stop: Callable[[], None] | None = None) -> CachedLatents:
+    """Encode every image once (center crop, no flip: the only transform a cache can hold).
+    `should_stop` is called before each batch and may raise to abandon the work."""
     tf = image_transform(resolution, center_crop=True, random_flip=False)
     moments, captions = [], []
     for start in range(0, len(dataset), batch_size):
+        if should_stop is not None:
+            should_stop()
         rows = dataset[start : start + batch_size]
         pixels = torch.stack([tf(to_rgb(img)) for img in rows["image"]]).to(vae.device, vae.dtype)
         moments.append(vae.encode(pixels).latent_dist.parameters.float().cpu())  # (B, 2C, h, w)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def use_cpu_cores(num_processes: int, requested: int | None = None) -> int:
@@ -14,3 +19,48 @@ def use_cpu_cores(num_processes: int, requested: int | None = None) -> int:
     threads = requested or max(1, (os.cpu_count() or 1) // max(1, local))
     torch.set_num_threads(threads)
     return threads
+
+
+class StopRequested(Exception):
+    """Raised inside long loops (latent caching, validation sampling) once a stop was asked for."""
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT set a flag instead of killing the process; the training loop checks it at
+    step boundaries, commits one checkpoint and exits 0. Launchers (torchrun, SLURM, Kubernetes)
+    send SIGKILL ~30 s after SIGTERM, so nothing slow may happen after the flag is seen.
+    A second signal is logged and otherwise ignored, so it cannot interrupt the save."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signum: int | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            logger.warning("received %s: stopping at the next step boundary with a checkpoint",
+                           signal.Signals(signum).name)
+        else:
+            logger.warning("received %s again: already stopping", signal.Signals(signum).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def check(self) -> None:
+        """For loops that cannot stop cleanly half-way: raise StopRequested."""
+        if self.requested:
+            raise StopRequested
+
+    def agreed(self, accelerator: Any) -> bool:
+        """True on every process once any process was signalled (one tiny all-reduce)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -8,6 +8,7 @@ loss, step, EMA, log, checkpoint, validate) -> save the pipeline in diffusers la
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,13 +36,21 @@ from ldm.data import collate, collate_latents, encode_dataset, load_captioned_da
 from ldm.diffusion import add_noise, gather, min_snr_weight, snr, timestep_probabilities, training_target
 from ldm.images import image_grid
 from ldm.models import components_for_training, count_parameters, with_resolution
-from ldm.runtime import use_cpu_cores
+from ldm.runtime import GracefulStop, StopRequested, use_cpu_cores
 from ldm.schedulers import make_sampler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from pipelines import TextToImagePipeline
 from training.evaluate import evaluate_pipeline, held_out_cases, save_report, summary
 
 logger = get_logger("train_ldm")
+
+
+def all_finite(loss: torch.Tensor, accelerator: Accelerator) -> bool:
+    """Whether the loss is finite on every process (one all-reduce when there are several)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -99,6 +108,7 @@ def main(argv: list[str] | None = None) -> Path:
             for name, m in ema_models.items()} if cfg.use_ema else {}
 
     # ---------------------------------------------------------------- 2. data
+    stop = GracefulStop()  # SIGTERM / SIGINT: checkpoint at the next step boundary, exit 0
     resolution = model_cfg.resolution
     dataset = load_captioned_dataset(
         train_data_dir=cfg.train_data_dir, dataset_name=cfg.dataset_name, image_column=cfg.image_column,
@@ -106,10 +116,19 @@ def main(argv: list[str] | None = None) -> Path:
         resolution=resolution, seed=cfg.seed, cache_dir=None)
     if cfg.max_train_samples:
         dataset = dataset.select(range(min(cfg.max_train_samples, len(dataset))))
+    data_id = ckpt.data_fingerprint(dataset)
     if cfg.cache_latents and cfg.center_crop and not cfg.random_flip:  # the VAE is frozen: encode once
         vae.to(accelerator.device)
-        dataset, collate_fn = encode_dataset(vae, dataset, resolution, seed=cfg.seed), collate_latents
-        logger.info("cached the latents of %d images", len(dataset))
+        try:
+            dataset, collate_fn = encode_dataset(vae, dataset, resolution, seed=cfg.seed,
+                                                 should_stop=stop.check), collate_latents
+            logger.info("cached the latents of %d images", len(dataset))
+        except StopRequested:
+            pass
+        if stop.agreed(accelerator):  # nothing trained yet: nothing to save
+            logger.warning("stopped while caching latents (before step 1); nothing to save")
+            stop.restore()
+            return out
     else:
         dataset = dataset.with_transform(make_batch_transform(resolution, cfg.center_crop, cfg.random_flip, cfg.seed))
         collate_fn = collate
@@ -147,10 +166,26 @@ def main(argv: list[str] | None = None) -> Path:
     num_epochs = math.ceil(cfg.max_train_steps / steps_per_epoch)
 
     # ---------------------------------------------------------------- 4. resume
+    # What must not change under a resumed run; saved in every checkpoint's marker.
+    fingerprint = {
+        "global_batch": cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
+        "world_size": accelerator.num_processes, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "resolution": resolution, "max_train_steps": cfg.max_train_steps, "learning_rate": cfg.learning_rate,
+        "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps, "seed": cfg.seed,
+        "model": ckpt.model_fingerprint(model_cfg, cfg.pretrained_model_name_or_path, pretrained_vae,
+                                        prediction_type, train_te),
+        "data": data_id,
+    }
     global_step = 0
     resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
     if resume is not None:
         global_step, path = resume
+        changed = ckpt.drift(ckpt.read_marker(path).get("fingerprint", {}), fingerprint)
+        if changed and not cfg.allow_config_drift:
+            raise ValueError(f"refusing to resume from {path}: this run differs from the one that saved it\n  "
+                             + "\n  ".join(changed) + "\n(pass --allow_config_drift to resume anyway)")
+        for line in changed:
+            logger.warning("resuming despite a changed setting: %s", line)
         accelerator.load_state(str(path))
         for name, ema in emas.items():
             ckpt.load_ema(ema, path / f"ema_{name}.safetensors")
@@ -164,7 +199,13 @@ def main(argv: list[str] | None = None) -> Path:
     if resume is None:
         set_seed(cfg.seed, device_specific=True)
 
+    # One line per optimizer step (main process): loss, LR and a digest of the step's samples, so
+    # that two runs can be compared step by step. A resumed run drops the lines it will redo.
+    trace_path = out / "train_log.jsonl"
     if accelerator.is_main_process:
+        kept = [line for line in (trace_path.read_text().splitlines() if resume and trace_path.exists() else [])
+                if json.loads(line)["step"] <= global_step]
+        trace_path.write_text("".join(line + "\n" for line in kept))
         accelerator.init_trackers("train_ldm", config={k: v for k, v in cfg.to_dict().items()
                                                         if isinstance(v, (int, float, str, bool))})
 
@@ -173,12 +214,14 @@ def main(argv: list[str] | None = None) -> Path:
         tmp = ckpt.temp_dir(final)
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)  # a leftover from a run killed mid-save
+        ckpt.check_finite({"unet": unet, "text_encoder": text_encoder,
+                           **{f"ema_{n}": e.shadow_params for n, e in emas.items()}})
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             for name, ema in emas.items():
                 ckpt.save_ema(ema, tmp / f"ema_{name}.safetensors")
-            ckpt.commit(final, step)
+            ckpt.commit(final, step, fingerprint)
             removed = ckpt.rotate(out, cfg.checkpoints_total_limit)
             logger.info("saved %s%s", final, f", removed {[p.name for p in removed]}" if removed else "")
         accelerator.wait_for_everyone()
@@ -200,12 +243,18 @@ def main(argv: list[str] | None = None) -> Path:
         pipe = build_pipeline()
         n = cfg.num_validation_images
         gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts) * n)]
-        with torch.autocast(accelerator.device.type, enabled=weight_dtype != torch.float32, dtype=weight_dtype):
-            images = pipe(cfg.validation_prompts, num_images_per_prompt=n, generator=gens,
-                          num_inference_steps=cfg.validation_inference_steps,
-                          guidance_scale=cfg.validation_guidance_scale, height=resolution, width=resolution).images
-        for name, ema in emas.items():
-            ema.restore(ema_models[name].parameters())
+        try:
+            with torch.autocast(accelerator.device.type, enabled=weight_dtype != torch.float32, dtype=weight_dtype):
+                images = pipe(cfg.validation_prompts, num_images_per_prompt=n, generator=gens,
+                              num_inference_steps=cfg.validation_inference_steps,
+                              guidance_scale=cfg.validation_guidance_scale, height=resolution, width=resolution,
+                              callback_on_step_end=lambda *args: stop.check() or {}).images
+        except StopRequested:
+            logger.warning("validation at step %d interrupted by the stop request", step)
+            return
+        finally:
+            for name, ema in emas.items():
+                ema.restore(ema_models[name].parameters())
         (out / "samples").mkdir(exist_ok=True)
         grid = image_grid(images, cols=n)
         grid.save(out / "samples" / f"step_{step:06d}.png")
@@ -222,6 +271,8 @@ def main(argv: list[str] | None = None) -> Path:
     progress = tqdm(range(cfg.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     loss_sum, loss_count, loss = torch.zeros((), device=accelerator.device), 0, torch.zeros(())
+    bad_update, skipped, consecutive_bad, stopped = False, 0, 0, False
+    samples = hashlib.sha1()
     for epoch in range(first_epoch, num_epochs):
         if global_step >= cfg.max_train_steps:  # resumed from a checkpoint at or past the end
             break
@@ -251,36 +302,73 @@ def main(argv: list[str] | None = None) -> Path:
                 if cfg.snr_gamma:
                     loss = loss * min_snr_weight(snr(a_t), cfg.snr_gamma, prediction_type)
                 loss = loss.mean()
-                accelerator.backward(loss)
+                # A non-finite loss on any process poisons the whole update: no backward, and
+                # optimizer, LR schedule and EMA are left as they were (every process agrees).
+                if all_finite(loss, accelerator):
+                    accelerator.backward(loss)
+                else:
+                    bad_update = True
                 if accelerator.sync_gradients:
                     params = [p for g in optimizer.param_groups for p in g["params"]]
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if not bad_update else None
+                    # fp16's grad scaler handles overflowing gradients itself (skip + lower scale)
+                    if grad_norm is not None and accelerator.scaler is None and not torch.isfinite(grad_norm):
+                        bad_update = True
+                if not bad_update:
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            loss_count += 1
+            samples.update(json.dumps(batch["text"]).encode())
+            if not bad_update:
+                loss_sum += loss.detach()
+                loss_count += 1
             if not accelerator.sync_gradients:
                 continue
-            for name, ema in emas.items():
-                ema.step(ema_models[name].parameters())
             global_step += 1
-            step_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
+            if bad_update:
+                skipped, consecutive_bad, bad_update = skipped + 1, consecutive_bad + 1, False
+                logger.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", global_step, skipped)
+                if consecutive_bad >= cfg.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{consecutive_bad} updates in a row had a non-finite loss or gradient (step {global_step}); "
+                        f"stopping. Resume from the last checkpoint under {out / 'checkpoints'} with a lower "
+                        "--learning_rate (and --allow_config_drift), or check the data and --mixed_precision.")
+            else:
+                consecutive_bad = 0
+                for name, ema in emas.items():
+                    ema.step(ema_models[name].parameters())
+            step_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
             loss_sum.zero_()
             loss_count = 0
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_updates": skipped}
             accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                with open(trace_path, "a") as fh:
+                    fh.write(json.dumps({"step": global_step, **logs, "samples": samples.hexdigest()[:16]}) + "\n")
+            samples = hashlib.sha1()
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}")
-            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+            saved = cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0
+            if saved:
                 save_checkpoint(global_step)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0:
                 validate(global_step)
+            if stop.agreed(accelerator):
+                if not saved:
+                    save_checkpoint(global_step)
+                stopped = True
+                break
             if global_step >= cfg.max_train_steps:
                 break
-        if global_step >= cfg.max_train_steps:
+        if global_step >= cfg.max_train_steps or stopped:
             break
     progress.close()
+    if stopped:
+        logger.warning("stopped by %s at step %d; resume with --resume_from_checkpoint latest",
+                       "a signal", global_step)
+        accelerator.end_training()
+        stop.restore()
+        return out
 
     # ---------------------------------------------------------------- 6. save the pipeline
     accelerator.wait_for_everyone()
@@ -300,9 +388,11 @@ def main(argv: list[str] | None = None) -> Path:
         (out / "run_info.json").write_text(json.dumps({
             "global_step": global_step, "num_processes": accelerator.num_processes,
             "final_loss": step_loss if global_step else None, "prediction_type": prediction_type,
+            "skipped_updates": skipped,
             "torch": torch.__version__}, indent=2) + "\n")
         logger.info("saved pipeline to %s", out)
     accelerator.end_training()
+    stop.restore()
     return out
 
 
