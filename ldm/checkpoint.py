@@ -168,6 +168,24 @@ def check_finite(groups: dict[str, Any]) -> None:
                 raise RuntimeError(f"refusing to save a checkpoint: {group} {name} holds NaN or Inf")
 
 
+def check_pickles(path: Path, process_index: int = 0) -> None:
+    """Load every pickled file of a checkpoint (accelerate's optimizer, scheduler, sampler and
+    RNG states) with `torch.load(weights_only=True)` before accelerate does. accelerate swallows a
+    failure to load the RNG states and carries on with fresh ones; here any file that is not a
+    plain tensor/state pickle (e.g. one that would run code) stops the resume, naming the file."""
+    from accelerate.utils.other import load  # torch.load(weights_only=True) + numpy RNG globals
+
+    rng = path / f"random_states_{process_index}.pkl"
+    if not rng.is_file():
+        raise RuntimeError(f"{rng}: missing (the RNG state of process {process_index}); the checkpoint "
+                           "was written by another number of processes or is damaged")
+    for f in sorted([*path.glob("*.bin"), *path.glob("*.pkl")]):
+        try:
+            load(f, map_location="cpu")
+        except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...
+            raise RuntimeError(f"{f}: refused to load it ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+
+
 def drift(saved: dict, current: dict) -> list[str]:
     """What differs between a checkpoint's fingerprint and this run's, one line per key."""
     keys = sorted(set(saved) | set(current))

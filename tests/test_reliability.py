@@ -186,9 +186,7 @@ T.training_target = target
 def test_non_finite_loss_skips_the_update(tmp_path):
     out = tmp_path / "run"
     proc = run(["--output_dir", str(out), *BASE, "--max_train_steps", "6", "--checkpointing_steps", "3"],
-               prelude="import training.train_ldm
-BAD = {2, 3}
-" + NAN_ON_CALLS)
+               prelude="BAD = {2, 3}" + NAN_ON_CALLS)
     assert proc.stderr.count("update skipped") == 2
     info = json.loads((out / "run_info.json").read_text())
     assert info["skipped_updates"] == 2 and info["global_step"] == 6
@@ -202,9 +200,7 @@ def test_repeated_non_finite_losses_stop_with_a_clear_error(tmp_path):
     out = tmp_path / "run"
     proc = run(["--output_dir", str(out), *BASE, "--max_train_steps", "20", "--checkpointing_steps", "2",
                 "--max_nonfinite_steps", "3"],
-               prelude="import training.train_ldm
-BAD = set(range(5, 100))
-" + NAN_ON_CALLS, check=False)
+               prelude="BAD = set(range(5, 100))" + NAN_ON_CALLS, check=False)
     assert proc.returncode != 0
     assert "3 updates in a row had a non-finite loss" in proc.stderr
     # the checkpoints written before are intact and finite
@@ -250,11 +246,11 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, victim):
     manifest = ckpt.read_marker(path)
     manifest["files"][victim] = {"size": (path / victim).stat().st_size, "sha256": ckpt._sha256(path / victim)}
     (path / ckpt.MARKER).write_text(json.dumps(manifest))
-    proc = run(["--output_dir", str(out), *BASE, "--max_train_steps", "4", "--checkpointing_steps", "2",
+    proc = run(["--output_dir", str(out), *BASE, "--max_train_steps", "2", "--checkpointing_steps", "2",
                 "--resume_from_checkpoint", "latest"], check=False)
     assert not marker.exists(), "unpickling ran code"
     assert proc.returncode != 0
-    assert "Weights only load failed" in proc.stderr or "UnpicklingError" in proc.stderr
+    assert f"{victim}: refused to load it" in proc.stderr
 
 
 def test_a_pickle_renamed_safetensors_is_refused(tmp_path, tiny_pipeline_dir):

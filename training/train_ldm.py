@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
                              + "\n  ".join(changed) + "\n(pass --allow_config_drift to resume anyway)")
         for line in changed:
             logger.warning("resuming despite a changed setting: %s", line)
+        ckpt.check_pickles(path, accelerator.process_index)
         accelerator.load_state(str(path))
         for name, ema in emas.items():
             ckpt.load_ema(ema, path / f"ema_{name}.safetensors")
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> Path:
                     disable=not accelerator.is_local_main_process)
     loss_sum, loss_count, loss = torch.zeros((), device=accelerator.device), 0, torch.zeros(())
     bad_update, skipped, consecutive_bad, stopped = False, 0, 0, False
+    step_loss = None
     samples = hashlib.sha1()
     for epoch in range(first_epoch, num_epochs):
         if global_step >= cfg.max_train_steps:  # resumed from a checkpoint at or past the end
@@ -387,7 +389,7 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"held-out compositions: {summary(report)}")
         (out / "run_info.json").write_text(json.dumps({
             "global_step": global_step, "num_processes": accelerator.num_processes,
-            "final_loss": step_loss if global_step else None, "prediction_type": prediction_type,
+            "final_loss": step_loss, "prediction_type": prediction_type,
             "skipped_updates": skipped,
             "torch": torch.__version__}, indent=2) + "\n")
         logger.info("saved pipeline to %s", out)
