@@ -317,20 +317,20 @@ def same_state(a: Path, b: Path) -> list[str]:
     return diffs
 
 
-EXACT = [*BASE, "--max_train_steps", "10", "--checkpointing_steps", "1", "--checkpoints_total_limit", "20"]
+EXACT = [*BASE, "--max_train_steps", "8", "--checkpointing_steps", "1", "--checkpoints_total_limit", "20"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_at_several_points_is_exact(tmp_path, workers):
+@pytest.mark.parametrize("workers, points", [(0, (3, 6)), (2, (7,))])
+def test_resume_at_several_points_is_exact(tmp_path, workers, points):
     """48 images at batch 8: 6 steps per epoch. Resume mid-epoch (3), at the epoch's last step (6)
-    and just after the boundary (7): weights, EMA, optimizer, LR schedule, the loss of every step
-    and the samples of every step equal the uninterrupted run's."""
+    and after the boundary (7): weights, EMA, optimizer, LR schedule, the loss of every step and
+    the samples of every step equal the uninterrupted run's."""
     args = [*EXACT, "--dataloader_num_workers", str(workers)]
     reference = tmp_path / "reference"
     run(["--output_dir", str(reference), *args])
-    assert [r["step"] for r in trace(reference)] == list(range(1, 11))
-    for step in (3, 6, 7):
+    assert [r["step"] for r in trace(reference)] == list(range(1, 9))
+    for step in points:
         resumed = tmp_path / f"from-{step}"
         resume_copy(reference, resumed, step)
         proc = run(["--output_dir", str(resumed), *args, "--resume_from_checkpoint", "latest"])
