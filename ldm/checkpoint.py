@@ -186,10 +186,17 @@ def check_pickles(path: Path, process_index: int = 0) -> None:
             raise RuntimeError(f"{f}: refused to load it ({type(err).__name__}: {str(err).splitlines()[0]})") from err
 
 
-def drift(saved: dict, current: dict) -> list[str]:
-    """What differs between a checkpoint's fingerprint and this run's, one line per key."""
+# Changing these under a resumed run makes it another run: refused unless --allow_config_drift.
+# Anything else in the fingerprint (step count, LR schedule) is reported with a warning, so that
+# a run can be extended.
+STRICT_KEYS = ("global_batch", "world_size", "gradient_accumulation_steps", "resolution", "seed", "model", "data")
+
+
+def drift(saved: dict, current: dict) -> list[tuple[str, str]]:
+    """(key, "key: old -> new") for everything that differs between a checkpoint's fingerprint
+    and this run's."""
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
+    return [(k, f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}")
             for k in keys if saved.get(k) != current.get(k)]
 
 

@@ -104,7 +104,10 @@ def test_rotation_keeps_the_newest_and_deletes_only_complete_ones(tmp_path):
 def test_drift_lists_each_changed_key():
     saved = {"global_batch": 32, "resolution": 32, "data": "abc"}
     now = {"global_batch": 64, "resolution": 32, "data": "abd", "world_size": 2}
-    lines = ckpt.drift(saved, now)
-    assert lines == ["data: 'abc' -> 'abd'", "global_batch: 32 -> 64", "world_size: '<absent>' -> 2"]
+    changed = ckpt.drift(saved, now)
+    assert changed == [("data", "data: 'abc' -> 'abd'"), ("global_batch", "global_batch: 32 -> 64"),
+                       ("world_size", "world_size: '<absent>' -> 2")]
     assert ckpt.drift(saved, dict(saved)) == []
-    assert json.dumps(lines)  # printable as is
+    assert json.dumps(changed)  # printable as is
+    assert {"global_batch", "world_size", "gradient_accumulation_steps", "resolution", "model", "data"} <= set(
+        ckpt.STRICT_KEYS)

@@ -181,11 +181,12 @@ def main(argv: list[str] | None = None) -> Path:
     if resume is not None:
         global_step, path = resume
         changed = ckpt.drift(ckpt.read_marker(path).get("fingerprint", {}), fingerprint)
-        if changed and not cfg.allow_config_drift:
+        strict = [line for key, line in changed if key in ckpt.STRICT_KEYS]
+        if strict and not cfg.allow_config_drift:
             raise ValueError(f"refusing to resume from {path}: this run differs from the one that saved it\n  "
-                             + "\n  ".join(changed) + "\n(pass --allow_config_drift to resume anyway)")
-        for line in changed:
-            logger.warning("resuming despite a changed setting: %s", line)
+                             + "\n  ".join(strict) + "\n(pass --allow_config_drift to resume anyway)")
+        for _, line in changed:
+            logger.warning("resuming with a changed setting: %s", line)
         ckpt.check_pickles(path, accelerator.process_index)
         accelerator.load_state(str(path))
         for name, ema in emas.items():
