@@ -238,11 +238,20 @@ def _plant(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(_Exploit(str(marker))))
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(["--output_dir", str(out), *BASE, "--max_train_steps", "2", "--checkpointing_steps", "2"])
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", ["random_states_0.pkl", "optimizer.bin", "scheduler.bin"])
-def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, victim):
+def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, finished_run, victim):
+    import shutil
+
     out = tmp_path / "run"
-    run(["--output_dir", str(out), *BASE, "--max_train_steps", "2", "--checkpointing_steps", "2"])
+    shutil.copytree(finished_run, out)
     path = ckpt.complete_checkpoints(out)[-1][1]
     marker = tmp_path / "pwned"
     _plant(path / victim, marker)
@@ -255,6 +264,19 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, victim):
     assert not marker.exists(), "unpickling ran code"
     assert proc.returncode != 0
     assert f"{victim}: refused to load it" in proc.stderr
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_saves_it_again(tmp_path, finished_run):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "run_info.json").unlink()
+    proc = run(["--output_dir", str(out), *BASE, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                "--resume_from_checkpoint", "latest"])
+    assert "(step 2)" in proc.stderr
+    assert json.loads((out / "run_info.json").read_text())["global_step"] == 2
 
 
 def test_a_pickle_renamed_safetensors_is_refused(tmp_path, tiny_pipeline_dir):
