@@ -248,8 +248,8 @@ class TrainConfig:
     checkpoints_total_limit: int | None = _help("keep at most N checkpoints", default=2)
     resume_from_checkpoint: str | None = _help("a checkpoint folder or 'latest'", default=None)
     allow_config_drift: bool = _help(
-        "resume even if the global batch, world size, accumulation, resolution, schedule, model or "
-        "data differ from the checkpoint's run (each difference is logged)", default=False)
+        "resume even if the global batch, world size, accumulation, resolution, seed, model or data "
+        "differ from the checkpoint's run (each difference is logged)", default=False)
     validation_prompts: list[str] = _help(
         "prompts for the validation grid",
         default_factory=lambda: ["a red circle on the left", "a blue square at the top",
@@ -351,7 +351,6 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
 def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < YAML (`--config`) < flags given on the command line."""
     cfg = resolve_config(TrainConfig, argv)
-    model_preset(cfg.preset)
     cfg = fill_objective(cfg, ObjectiveConfig() if cfg.pretrained_model_name_or_path
                          else model_preset(cfg.preset).objective)
     validate(cfg)
@@ -399,12 +398,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.timestep_bias_strategy not in ("none", "later", "earlier"):
-        raise ValueError(f"--timestep_bias_strategy must be none, later or earlier, got {cfg.timestep_bias_strategy!r}")
-    if cfg.timestep_bias_strategy != "none" and not (0 < cfg.timestep_bias_portion <= 1
-                                                      and cfg.timestep_bias_multiplier > 0):
-        raise ValueError("--timestep_bias_portion must be in (0, 1] and --timestep_bias_multiplier > 0, got "
-                         f"{cfg.timestep_bias_portion} and {cfg.timestep_bias_multiplier}")
+    from ldm.diffusion import timestep_probabilities  # fail now, not after the models are built
+
+    timestep_probabilities(1000, cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion)
     if cfg.attention_backend not in ("auto", "sdpa", "xformers"):
         raise ValueError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
 

@@ -132,9 +132,10 @@ def timestep_probabilities(num_timesteps: int, strategy: str = "none", multiplie
     if strategy == "none":
         return weights / weights.sum()
     if strategy not in ("later", "earlier"):
-        raise ValueError(f"timestep bias strategy must be none, later or earlier, got {strategy!r}")
+        raise ValueError(f"timestep_bias_strategy must be none, later or earlier, got {strategy!r}")
     if not 0.0 < portion <= 1.0 or multiplier <= 0.0:
-        raise ValueError(f"need 0 < portion <= 1 and multiplier > 0, got {portion} and {multiplier}")
+        raise ValueError("timestep_bias_portion must be in (0, 1] and timestep_bias_multiplier > 0, got "
+                         f"{portion} and {multiplier}")
     count = max(1, round(portion * num_timesteps))
     if strategy == "later":
         weights[num_timesteps - count :] = multiplier

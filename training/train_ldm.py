@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> Path:
     num_epochs = math.ceil(cfg.max_train_steps / steps_per_epoch)
 
     # ---------------------------------------------------------------- 4. resume
-    # What must not change under a resumed run; saved in every checkpoint's marker.
+    # What defines the run, saved in every checkpoint's marker. On resume, a change of a key in
+    # ckpt.STRICT_KEYS is refused (unless --allow_config_drift); other changes are logged.
     fingerprint = {
         "global_batch": cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
         "world_size": accelerator.num_processes, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
