@@ -211,6 +211,14 @@ class TrainConfig:
         "weight of the biased timesteps against the others (default: the preset's)", default=None)
     timestep_bias_portion: float | None = _help(
         "fraction of the timesteps that is biased (default: the preset's)", default=None)
+    noise_offset: float = _help("offset noise: add this x N(0,1) per sample and channel to the noise "
+                                "(Guttenberg 2023; ~0.05-0.1 lets SD fine-tunes reach very dark/bright images)",
+                                default=0.0)
+    input_perturbation: float = _help("input perturbation (Ning et al. 2023; 0.1 is the paper's): x_t is built "
+                                      "from noise + this x N(0, I), the target from the noise", default=0.0)
+    zero_terminal_snr: bool | None = _help(
+        "rescale the betas to zero terminal SNR (Lin et al. 2023; needs v_prediction; sampling then uses "
+        "trailing timesteps). Default: the model's own schedule", default=None)
     builtin_num_images: int = _help("size of the built-in synthetic data set (no data flags)",
                                     default=4096)
     max_train_samples: int | None = _help("use only the first N samples", default=None)
@@ -393,6 +401,9 @@ def validate(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"--train_data_dir {cfg.train_data_dir!r} is not a directory")
     if cfg.prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"--prediction_type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
+    for name in ("noise_offset", "input_perturbation"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise ValueError(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
@@ -414,6 +425,9 @@ class VAETrainConfig:
     image_column: str = _help("image column of the data set", default="image")
     caption_column: str = _help("caption column (only read to validate the folder)", default="text")
     builtin_num_images: int = _help("size of the built-in data set", default=4096)
+    builtin_colors: str = _help("built-in set only: named (the captions' palette) | random (any RGB for objects "
+                                "and background, so the VAE reproduces colours users bring) | mixed (half each)",
+                                default="mixed")
     resolution: int = _help("image side", default=32)
     block_out_channels: list[int] = _help("channels per level; downsampling 2**(levels-1)",
                                           default_factory=lambda: [32, 64])

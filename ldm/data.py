@@ -15,12 +15,13 @@ logger = logging.getLogger(__name__)
 
 def load_captioned_dataset(*, train_data_dir: str | None, dataset_name: str | None,
                            image_column: str, caption_column: str, builtin_num_images: int,
-                           resolution: int, seed: int, cache_dir: str | None = None):
+                           resolution: int, seed: int, cache_dir: str | None = None,
+                           builtin_colors: str = "named"):
     """A `datasets.Dataset` with columns `image_column` and `caption_column`.
 
     train_data_dir: a folder in the HF imagefolder layout (images + metadata.jsonl / .csv with a
         `file_name` column). dataset_name: a hub data set (needs network). Neither: the built-in
-        synthetic shapes set.
+        synthetic shapes set (`builtin_colors`: see `ldm.synthetic.make_examples`).
     """
     from datasets import load_dataset
 
@@ -33,7 +34,7 @@ def load_captioned_dataset(*, train_data_dir: str | None, dataset_name: str | No
     else:
         from ldm.synthetic import make_dataset
 
-        ds = make_dataset(builtin_num_images, resolution, seed)
+        ds = make_dataset(builtin_num_images, resolution, seed, builtin_colors)
         source, image_column, caption_column = "built-in shapes", "image", "text"
     for column in (image_column, caption_column):
         if column not in ds.column_names:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -45,6 +46,19 @@ def betas_from_alpha_bar(alpha_bar, num_timesteps: int, max_beta: float = 0.999)
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """(T,) alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last alpha_bar is exactly 0 (Lin et al. 2023, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", Algorithm 1): shift and scale sqrt(alpha_bar) so that its last
+    value is 0 and its first is unchanged. Anything derived from the schedule (SNR, min-SNR
+    weights, v targets) must be computed from the rescaled alpha_bar, i.e. after this."""
+    sqrt_ab = alphas_cumprod(betas).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
 
 
 def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -111,13 +125,35 @@ def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> t
     epsilon: min(SNR, gamma) / SNR;  v: min(SNR, gamma) / (SNR + 1);  x0: min(SNR, gamma).
     """
     clipped = torch.clamp(snr_t, max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr_t
+    if prediction_type == "epsilon":  # written as min(1, gamma / SNR): 1 (not 0/0) at SNR = 0
+        return torch.clamp(gamma / snr_t, max=1.0)
     if prediction_type == "v_prediction":
         return clipped / (snr_t + 1)
     if prediction_type == "sample":
         return clipped
     raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
+def offset_noise(noise: torch.Tensor, offset: float,
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """eps + offset * n, with n ~ N(0, 1) of shape (B, C, 1, 1): one constant per sample and channel,
+    so the model also learns to change an image's mean brightness (Guttenberg 2023, "Diffusion
+    with offset noise"). This is the noise the model is trained on (its target uses it).
+    `generator` may be a list, one per sample."""
+    if offset == 0.0:
+        return noise
+    shape = noise.shape[:2] + (1,) * (noise.ndim - 2)
+    return noise + offset * randn_tensor(shape, generator=generator, device=noise.device, dtype=noise.dtype)
+
+
+def perturb_noise(noise: torch.Tensor, strength: float,
+                  generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """eps + strength * n, n ~ N(0, I): the noise used to build x_t under input perturbation
+    (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias", eq. 9). The target is still
+    computed from the unperturbed `noise`, which is what makes it a perturbation."""
+    if strength == 0.0:
+        return noise
+    return noise + strength * randn_tensor(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
 
 
 def timestep_probabilities(num_timesteps: int, strategy: str = "none", multiplier: float = 1.0,

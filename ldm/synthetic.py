@@ -145,16 +145,39 @@ def eval_prompt(color: str, shape: str, position: str) -> str:
     return f"a {color} {shape} {PHRASES[position][0]}"
 
 
-def make_examples(n: int, resolution: int, seed: int) -> tuple[list[Image.Image], list[str]]:
+COLOR_MODES = ("named", "random", "mixed")
+
+
+def make_examples(n: int, resolution: int, seed: int, colors: str = "named") -> tuple[list[Image.Image], list[str]]:
+    """n rendered scenes and their captions.
+
+    colors: "named" draws the palette the captions name (the LDM's training data); "random" gives
+    every object and background an independent uniform RGB colour (captions then name the wrong
+    colours: this is for training a first stage that reproduces any colour); "mixed" alternates.
+    """
+    if colors not in COLOR_MODES:
+        raise ValueError(f"colors must be one of {COLOR_MODES}, got {colors!r}")
     scenes = sample_scenes(n, seed)
-    return [render(s, resolution) for s in scenes], [s.caption() for s in scenes]
+    rng = random.Random(seed + 1)
+    images = []
+    for i, scene in enumerate(scenes):
+        if colors == "random" or (colors == "mixed" and i % 2):
+            palette = {name: _random_rgb(rng) for name in COLORS}
+            images.append(render(scene, resolution, palette=palette, background=_random_rgb(rng)))
+        else:
+            images.append(render(scene, resolution))
+    return images, [s.caption() for s in scenes]
 
 
-def make_dataset(n: int, resolution: int, seed: int):
+def _random_rgb(rng: random.Random) -> tuple[int, int, int]:
+    return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+
+
+def make_dataset(n: int, resolution: int, seed: int, colors: str = "named"):
     """A `datasets.Dataset` with columns image (PIL) and text."""
     from datasets import Dataset, Features, Image as ImageFeature, Value
 
-    images, captions = make_examples(n, resolution, seed)
+    images, captions = make_examples(n, resolution, seed, colors)
     features = Features({"image": ImageFeature(), "text": Value("string")})
     return Dataset.from_dict({"image": images, "text": captions}, features=features)
 

@@ -108,10 +108,14 @@ def encode_tokens(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch
     return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
 
 
-def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+def drop_captions(captions: list[str], p: float, generator: torch.Generator | list[torch.Generator]) -> list[str]:
     """Replace each caption by "" with probability p (classifier-free guidance training,
-    Ho & Salimans 2022). "" is also what the pipeline encodes for the unconditional branch."""
-    keep = torch.rand(len(captions), generator=generator) >= p
+    Ho & Salimans 2022). "" is also what the pipeline encodes for the unconditional branch.
+    `generator` may be a list, one per caption (then caption i draws from generator i)."""
+    if isinstance(generator, list):
+        keep = torch.cat([torch.rand(1, generator=g) for g in generator]) >= p
+    else:
+        keep = torch.rand(len(captions), generator=generator) >= p
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 

@@ -386,3 +386,79 @@ def test_timestep_bias_probabilities():
         timestep_probabilities(1000, "middle")
     with pytest.raises(ValueError, match="portion"):
         timestep_probabilities(1000, "later", portion=0.0)
+
+
+# ------------------------------------------------------------------------------- objective extras
+def test_zero_terminal_snr_rescale_matches_diffusers_and_algorithm():
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as theirs
+
+    from ldm.diffusion import alphas_cumprod, make_betas, rescale_zero_terminal_snr
+
+    betas = make_betas("scaled_linear", 1000)
+    rescaled = rescale_zero_terminal_snr(betas)
+    torch.testing.assert_close(rescaled, theirs(betas), rtol=0, atol=1e-12)
+    before, after = alphas_cumprod(betas).sqrt(), alphas_cumprod(rescaled).sqrt()
+    assert after[-1].item() == 0.0  # SNR(T) = 0
+    torch.testing.assert_close(after[0], before[0])  # first step unchanged
+    # Algorithm 1 is an affine map of sqrt(alpha_bar): check it at a middle timestep
+    expected = (before[500] - before[-1]) * before[0] / (before[0] - before[-1])
+    torch.testing.assert_close(after[500], expected)
+
+
+def test_snr_weights_are_computed_after_the_zero_terminal_snr_rescale():
+    """The order kohya-ss/sd-scripts#1263 gets wrong: the alpha_bar the loop trains on (and takes
+    SNR weights from) must be the rescaled one."""
+    from ldm.diffusion import min_snr_weight, snr
+    from ldm.models import build_noise_scheduler
+    from ldm.config import NoiseConfig
+    from ldm.schedulers import training_scheduler
+
+    base = build_noise_scheduler(NoiseConfig(prediction_type="v_prediction"))
+    ztsnr = training_scheduler(base.config, zero_terminal_snr=True)
+    assert ztsnr.config.timestep_spacing == "trailing"
+    ab_before, ab_after = base.alphas_cumprod.double(), ztsnr.alphas_cumprod.double()
+    assert ab_after[-1].item() < 1e-12 < ab_before[-1].item()
+    t = torch.tensor([0, 250, 500, 750, 999])
+    weights = min_snr_weight(snr(ab_after[t]), 5.0, "v_prediction")
+    # known answers on the rescaled schedule: v weight = min(SNR, 5) / (SNR + 1); 0 at SNR = 0
+    s = ab_after[t] / (1 - ab_after[t])
+    torch.testing.assert_close(weights, torch.clamp(s, max=5.0) / (s + 1))
+    assert weights[-1].item() == 0.0
+    wrong = min_snr_weight(snr(ab_before[t]), 5.0, "v_prediction")  # weights before the rescale
+    assert not torch.allclose(weights[2:], wrong[2:], rtol=1e-3)
+    with pytest.raises(ValueError, match="v_prediction"):
+        training_scheduler(base.config, prediction_type="epsilon", zero_terminal_snr=True)
+
+
+def test_min_snr_epsilon_weight_is_one_at_zero_snr():
+    from ldm.diffusion import min_snr_weight
+
+    w = min_snr_weight(torch.tensor([0.0, 1.0, 5.0, 20.0]), 5.0, "epsilon")
+    torch.testing.assert_close(w, torch.tensor([1.0, 1.0, 1.0, 0.25]))
+
+
+def test_offset_noise_adds_one_constant_per_sample_and_channel():
+    from ldm.diffusion import offset_noise
+
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert offset_noise(noise, 0.0) is noise
+    out = offset_noise(noise, 0.1, generator=torch.Generator().manual_seed(1))
+    shift = (out - noise)  # constant over H, W
+    torch.testing.assert_close(shift, shift[:, :, :1, :1].expand_as(shift))
+    expected = 0.1 * torch.randn(3, 4, 1, 1, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(shift[:, :, :1, :1], expected)
+
+
+def test_input_perturbation_changes_x_t_but_not_the_target():
+    from ldm.diffusion import add_noise, perturb_noise, training_target
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    a = torch.tensor([0.3, 0.9])
+    perturbed = perturb_noise(noise, 0.1, generator=torch.Generator().manual_seed(5))
+    extra = 0.1 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(perturbed, noise + extra)
+    assert not torch.allclose(add_noise(x0, perturbed, a), add_noise(x0, noise, a))
+    # the training loop builds x_t from `perturbed` and the target from `noise`
+    torch.testing.assert_close(training_target("epsilon", x0, noise, a), noise)
+    assert perturb_noise(noise, 0.0) is noise

@@ -33,11 +33,12 @@ from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
 from ldm.config import TrainConfig, model_preset, resolve_train_config, save_config
 from ldm.data import collate, collate_latents, encode_dataset, load_captioned_dataset, make_batch_transform
-from ldm.diffusion import add_noise, gather, min_snr_weight, snr, timestep_probabilities, training_target
+from ldm.diffusion import (add_noise, gather, min_snr_weight, offset_noise, perturb_noise, snr,
+                           timestep_probabilities, training_target)
 from ldm.images import image_grid
 from ldm.models import components_for_training, count_parameters, with_resolution
 from ldm.runtime import GracefulStop, StopRequested, use_cpu_cores
-from ldm.schedulers import make_sampler
+from ldm.schedulers import make_sampler, training_scheduler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from pipelines import TextToImagePipeline
 from training.evaluate import evaluate_pipeline, held_out_cases, save_report, summary
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> Path:
                                     pretrained_vae=None if pretrained_vae == "none" else pretrained_vae,
                                     prediction_type=cfg.prediction_type, seed=cfg.seed)
     vae, text_encoder, tokenizer, unet = comps.vae, comps.text_encoder, comps.tokenizer, comps.unet
-    noise_scheduler = comps.noise_scheduler
+    # x_t is drawn from this schedule (zero-terminal-SNR rescale applied), and SNR weights from its alphas
+    noise_scheduler = training_scheduler(comps.noise_scheduler.config, zero_terminal_snr=cfg.zero_terminal_snr)
     prediction_type = noise_scheduler.config.prediction_type
     # A text encoder built from scratch is trained jointly (as in the LDM paper); a pretrained
     # one stays frozen unless --train_text_encoder.
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> Path:
         "world_size": accelerator.num_processes, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "resolution": resolution, "max_train_steps": cfg.max_train_steps, "learning_rate": cfg.learning_rate,
         "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps, "seed": cfg.seed,
+        "objective": [cfg.snr_gamma, cfg.noise_offset, cfg.input_perturbation, noise_scheduler.config.rescale_betas_zero_snr],
         "model": ckpt.model_fingerprint(model_cfg, cfg.pretrained_model_name_or_path, pretrained_vae,
                                         prediction_type, train_te),
         "data": data_id,
@@ -292,10 +295,10 @@ def main(argv: list[str] | None = None) -> Path:
                     else:
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
                     latents = posterior.sample().float() * vae.config.scaling_factor
-                noise = torch.randn_like(latents)
+                noise = offset_noise(torch.randn_like(latents), cfg.noise_offset)
                 timesteps = torch.multinomial(timestep_probs, latents.shape[0], replacement=True).to(latents.device)
                 a_t = gather(alpha_bar, timesteps)  # (B,)
-                noisy = add_noise(latents, noise, a_t)  # x_t, DDPM eq. 4
+                noisy = add_noise(latents, perturb_noise(noise, cfg.input_perturbation), a_t)  # x_t, DDPM eq. 4
                 captions = drop_captions(batch["text"], cfg.caption_dropout, generator=None)
                 ids = tokenize(tokenizer, captions).to(accelerator.device)
                 with torch.set_grad_enabled(train_te):

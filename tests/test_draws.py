@@ -1,0 +1,52 @@
+"""Per-sample random draws: a sample's draws depend on (seed, step, index) only."""
+
+import torch
+
+from ldm.draws import categorical, randn, sample_generators, sample_seed, uniform
+from ldm.text import drop_captions
+
+
+def draws(seed, step, indices):
+    gens = sample_generators(seed, step, indices)
+    return randn((len(indices), 4, 3, 3), gens), categorical(torch.tensor([0.2, 0.3, 0.5]), gens), uniform(gens)
+
+
+def test_a_sample_draws_the_same_in_any_batch():
+    whole = draws(0, 7, [5, 9, 2, 11])
+    halves = [draws(0, 7, [5, 9]), draws(0, 7, [2, 11])]
+    for k in range(3):
+        torch.testing.assert_close(torch.cat([h[k] for h in halves]), whole[k], rtol=0, atol=0)
+    alone = draws(0, 7, [2])
+    torch.testing.assert_close(alone[0][0], whole[0][2], rtol=0, atol=0)
+
+
+def test_draws_change_with_seed_step_and_index():
+    base = draws(0, 7, [5])[0]
+    for other in (draws(1, 7, [5]), draws(0, 8, [5]), draws(0, 7, [6])):
+        assert not torch.equal(other[0], base)
+    assert len({sample_seed(0, s, i) for s in range(50) for i in range(50)}) == 2500
+
+
+def test_categorical_follows_the_probabilities():
+    gens = sample_generators(0, 0, range(20000))
+    counts = torch.bincount(categorical(torch.tensor([0.1, 0.2, 0.7]), gens), minlength=3).double() / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.1, 0.2, 0.7], dtype=torch.float64), atol=0.015, rtol=0)
+
+
+def test_randn_is_standard_normal_and_checks_the_batch():
+    x = randn((4000, 8), sample_generators(3, 0, range(4000)))
+    assert abs(x.mean().item()) < 0.02 and abs(x.std().item() - 1) < 0.02
+    try:
+        randn((3, 8), sample_generators(3, 0, range(2)))
+    except ValueError as e:
+        assert "2 generators for a batch of 3" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_caption_dropout_per_sample_generators():
+    caps = [f"c{i}" for i in range(400)]
+    out = drop_captions(caps, 0.25, sample_generators(0, 1, range(400)))
+    assert 0.18 < out.count("") / 400 < 0.32
+    part = drop_captions(caps[100:200], 0.25, sample_generators(0, 1, range(100, 200)))
+    assert part == out[100:200]
