@@ -181,7 +181,11 @@ class TrainConfig:
     # model
     preset: str = _help("architecture preset: " + ", ".join(PRESETS), default="tiny")
     pretrained_model_name_or_path: str | None = _help(
-        "diffusers-layout folder or hub id to start from (all components)", default=None)
+        "diffusers-layout folder, hub id, or single-file SD1.x checkpoint (.safetensors) to start from",
+        default=None)
+    single_file_config: str | None = _help(
+        "for a single-file checkpoint: a diffusers-layout folder with its configs (default: one written "
+        "from the sd15 preset, so nothing is fetched from the hub)", default=None)
     pretrained_vae_name_or_path: str | None = _help(
         "diffusers-layout VAE folder (or a pipeline folder with vae/) to use frozen; default: the "
         "preset's own (tiny ships one), 'none' for a random one", default=None)
@@ -190,12 +194,23 @@ class TrainConfig:
         "pretrained one stays frozen)", default=None)
     prediction_type: str | None = _help("epsilon | v_prediction (default: the model's own)", default=None)
     attention_backend: str = _help("auto | sdpa | xformers", default="auto")
+    lora_rank: int = _help("train LoRA adapters of this rank (peft) instead of every U-Net weight; the text "
+                           "encoder, when trained, gets adapters too. 0: full fine-tune", default=0)
+    lora_alpha: float | None = _help("LoRA scale numerator (default: the rank, i.e. scale 1)", default=None)
     # data
-    train_data_dir: str | None = _help("image folder with metadata.jsonl (HF imagefolder)", default=None)
+    train_data_dir: str | None = _help(
+        "image folder: metadata.jsonl / metadata.csv (HF imagefolder) or sidecar .txt / .caption files",
+        default=None)
     dataset_name: str | None = _help("HF hub data set name", default=None)
     image_column: str = _help("image column of the data set", default="image")
     caption_column: str = _help("caption column of the data set", default="text")
+    on_bad_data: str = _help("skip (report and drop) | fail: unreadable, truncated, oversized or uncaptioned "
+                             "images found by the check before training", default="skip")
+    max_image_pixels: int = _help("larger images are refused (decompression bombs)", default=89_478_485)
     resolution: int | None = _help("training resolution (default: the preset's)", default=None)
+    aspect_buckets: bool = _help("aspect-ratio bucketing: batches of one shape near resolution**2 pixels "
+                                 "instead of square crops", default=False)
+    bucket_no_upscale: bool = _help("with --aspect_buckets: never enlarge a small image", default=False)
     center_crop: bool = _help("center crop instead of random crop", default=True)
     random_flip: bool = _help("random horizontal flip (off: flips swap left/right in captions)",
                               default=False)
@@ -224,6 +239,8 @@ class TrainConfig:
     max_train_samples: int | None = _help("use only the first N samples", default=None)
     cache_latents: bool = _help("encode the data once with the frozen VAE (not with random crop/flip)",
                                 default=True)
+    cache_dir: str | None = _help("on-disk latent / text-embedding cache, keyed by image content, model "
+                                  "weights and preprocessing (default: in memory only)", default=None)
     dataloader_num_workers: int = _help("data loader worker processes", default=0)
     cpu_threads: int | None = _help("torch threads per process on CPU (default: cores / processes; "
                                     "accelerate launch sets 1)", default=None)
@@ -241,6 +258,7 @@ class TrainConfig:
     adam_beta2: float = _help("AdamW beta2", default=0.999)
     adam_weight_decay: float = _help("AdamW weight decay", default=1e-2)
     max_grad_norm: float = _help("gradient clipping norm", default=1.0)
+    use_8bit_adam: bool = _help("bitsandbytes' 8-bit AdamW (pip install '.[bnb]'; CUDA)", default=False)
     max_nonfinite_steps: int = _help(
         "stop with an error after this many updates in a row skipped for a non-finite loss or "
         "gradient", default=20)
@@ -404,6 +422,10 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("noise_offset", "input_perturbation"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.on_bad_data not in ("skip", "fail"):
+        raise ValueError(f"--on_bad_data must be skip or fail, got {cfg.on_bad_data!r}")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"--lora_rank must be >= 0, got {cfg.lora_rank}")
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise ValueError(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
@@ -427,7 +449,7 @@ class VAETrainConfig:
     builtin_num_images: int = _help("size of the built-in data set", default=4096)
     builtin_colors: str = _help("built-in set only: named (the captions' palette) | random (any RGB for objects "
                                 "and background, so the VAE reproduces colours users bring) | mixed (half each)",
-                                default="mixed")
+                                default="named")
     resolution: int = _help("image side", default=32)
     block_out_channels: list[int] = _help("channels per level; downsampling 2**(levels-1)",
                                           default_factory=lambda: [32, 64])

@@ -58,23 +58,26 @@ def image_transform(resolution: int, center_crop: bool, random_flip: bool) -> tr
     ])
 
 
-def pick_caption(value: Any, rng: random.Random) -> str:
+def pick_caption(value: Any, rng: random.Random | torch.Generator) -> str:
     """A caption cell may hold one string or several (one is picked at random per use)."""
     if isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        if isinstance(rng, torch.Generator):
+            return value[int(torch.randint(len(value), (1,), generator=rng))]
         return rng.choice(list(value))
     raise ValueError(f"caption must be a string or a list of strings, got {value!r}")
 
 
-def make_batch_transform(resolution: int, center_crop: bool, random_flip: bool, seed: int):
-    """For `Dataset.with_transform`: {'image': [...], 'text': [...]} -> pixel_values + captions."""
+def make_batch_transform(resolution: int, center_crop: bool, random_flip: bool):
+    """For `Dataset.with_transform`: {'image': [...], 'text': [...]} -> pixel_values + caption cells
+    (a cell with several captions is resolved per step by the training loop, `pick_caption`).
+    Random crops and flips draw from torch's global RNG (of the data-loader worker)."""
     tf = image_transform(resolution, center_crop, random_flip)
-    rng = random.Random(seed)
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
         pixels = [tf(to_rgb(img)) for img in batch["image"]]
-        return {"pixel_values": pixels, "text": [pick_caption(c, rng) for c in batch["text"]]}
+        return {"pixel_values": pixels, "text": list(batch["text"])}
 
     return apply
 
@@ -91,31 +94,47 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+    batch = {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).float(),  # (B, 3, R, R)
         "text": [e["text"] for e in examples],
     }
+    if "index" in examples[0]:
+        batch["index"] = torch.tensor([e["index"] for e in examples])
+    return batch
 
 
 class CachedLatents(torch.utils.data.Dataset):
     """Posterior parameters of a frozen VAE, computed once: (N, 2C, h, w) mean and log-variance
-    (diffusers' `DiagonalGaussianDistribution` layout) with the raw caption cells. A fresh
-    z ~ q(z|x) is still drawn every step, exactly as encoding every step would."""
+    (diffusers' `DiagonalGaussianDistribution` layout) with the raw caption cells and the sample's
+    index. A fresh z ~ q(z|x) is still drawn every step (and a caption picked from a list), by the
+    training loop with the sample's own generator (`ldm.draws`)."""
 
-    def __init__(self, moments: torch.Tensor, captions: list, seed: int):
+    def __init__(self, moments: torch.Tensor, captions: list):
         self.moments = moments
         self.captions = captions
-        self.rng = random.Random(seed)
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"moments": self.moments[i], "text": pick_caption(self.captions[i], self.rng)}
+        return {"moments": self.moments[i], "text": self.captions[i], "index": i}
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Rows of `dataset` with their index added (the key of the sample's random draws)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "index": i}
 
 
 @torch.no_grad()
-def encode_dataset(vae, dataset, resolution: int, batch_size: int = 128, seed: int = 0,
+def encode_dataset(vae, dataset, resolution: int, batch_size: int = 128,
                    should_stop: Callable[[], None] | None = None) -> CachedLatents:
     """Encode every image once (center crop, no flip: the only transform a cache can hold).
     `should_stop` is called before each batch and may raise to abandon the work."""
@@ -128,8 +147,9 @@ def encode_dataset(vae, dataset, resolution: int, batch_size: int = 128, seed: i
         pixels = torch.stack([tf(to_rgb(img)) for img in rows["image"]]).to(vae.device, vae.dtype)
         moments.append(vae.encode(pixels).latent_dist.parameters.float().cpu())  # (B, 2C, h, w)
         captions += rows["text"]
-    return CachedLatents(torch.cat(moments), captions, seed)
+    return CachedLatents(torch.cat(moments), captions)
 
 
 def collate_latents(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"moments": torch.stack([e["moments"] for e in examples]), "text": [e["text"] for e in examples]}
+    return {"moments": torch.stack([e["moments"] for e in examples]), "text": [e["text"] for e in examples],
+            "index": torch.tensor([e["index"] for e in examples])}

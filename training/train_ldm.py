@@ -32,9 +32,11 @@ from tqdm.auto import tqdm
 from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
 from ldm.config import TrainConfig, model_preset, resolve_train_config, save_config
-from ldm.data import collate, collate_latents, encode_dataset, load_captioned_dataset, make_batch_transform
+from ldm.data import (Indexed, collate, collate_latents, encode_dataset, load_captioned_dataset, make_batch_transform,
+                      pick_caption)
 from ldm.diffusion import (add_noise, gather, min_snr_weight, offset_noise, perturb_noise, snr,
                            timestep_probabilities, training_target)
+from ldm.draws import categorical, randn, sample_generators
 from ldm.images import image_grid
 from ldm.models import components_for_training, count_parameters, with_resolution
 from ldm.runtime import GracefulStop, StopRequested, use_cpu_cores
@@ -122,8 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.cache_latents and cfg.center_crop and not cfg.random_flip:  # the VAE is frozen: encode once
         vae.to(accelerator.device)
         try:
-            dataset, collate_fn = encode_dataset(vae, dataset, resolution, seed=cfg.seed,
-                                                 should_stop=stop.check), collate_latents
+            dataset, collate_fn = encode_dataset(vae, dataset, resolution, should_stop=stop.check), collate_latents
             logger.info("cached the latents of %d images", len(dataset))
         except StopRequested:
             pass
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> Path:
             stop.restore()
             return out
     else:
-        dataset = dataset.with_transform(make_batch_transform(resolution, cfg.center_crop, cfg.random_flip, cfg.seed))
+        dataset = Indexed(dataset.with_transform(make_batch_transform(resolution, cfg.center_crop, cfg.random_flip)))
         collate_fn = collate
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate_fn,
@@ -200,13 +201,10 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("no complete checkpoint under %s; starting from scratch", out)
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
-    # Noise, timesteps and caption dropout draw from the global RNG, one stream per process;
-    # accelerate saves and restores it with every checkpoint.
-    if resume is None:
-        set_seed(cfg.seed, device_specific=True)
 
-    # One line per optimizer step (main process): loss, LR and a digest of the step's samples, so
-    # that two runs can be compared step by step. A resumed run drops the lines it will redo.
+    # One line per optimizer step (main process): loss, LR, a digest of the step's captions (this
+    # process's) and the data-set indices of every process's samples, so that two runs can be
+    # compared step by step. A resumed run drops the lines it will redo.
     trace_path = out / "train_log.jsonl"
     if accelerator.is_main_process:
         kept = [line for line in (trace_path.read_text().splitlines() if resume and trace_path.exists() else [])
@@ -279,7 +277,7 @@ def main(argv: list[str] | None = None) -> Path:
     loss_sum, loss_count, loss = torch.zeros((), device=accelerator.device), 0, torch.zeros(())
     bad_update, skipped, consecutive_bad, stopped = False, 0, 0, False
     step_loss = None
-    samples = hashlib.sha1()
+    samples, step_indices = hashlib.sha1(), []
     for epoch in range(first_epoch, num_epochs):
         if global_step >= cfg.max_train_steps:  # resumed from a checkpoint at or past the end
             break
@@ -289,17 +287,21 @@ def main(argv: list[str] | None = None) -> Path:
             batches = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in batches:
             with accelerator.accumulate(unet, text_encoder):
+                # Every draw of a sample comes from its own generator, keyed by (seed, step, index):
+                # the same whatever the batch split, process count or resume (ldm/draws.py).
+                gens = sample_generators(cfg.seed, global_step, batch["index"].tolist())
                 with torch.no_grad():  # z ~ q(z|x), scaled: (B, C, H/f, W/f)
                     if "moments" in batch:  # cached posterior parameters
                         posterior = DiagonalGaussianDistribution(batch["moments"].to(accelerator.device))
                     else:
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
-                    latents = posterior.sample().float() * vae.config.scaling_factor
-                noise = offset_noise(torch.randn_like(latents), cfg.noise_offset)
-                timesteps = torch.multinomial(timestep_probs, latents.shape[0], replacement=True).to(latents.device)
+                    latents = posterior.sample(generator=gens).float() * vae.config.scaling_factor
+                noise = offset_noise(randn(latents.shape, gens, latents.device), cfg.noise_offset, gens)
+                timesteps = categorical(timestep_probs, gens).to(latents.device)
                 a_t = gather(alpha_bar, timesteps)  # (B,)
-                noisy = add_noise(latents, perturb_noise(noise, cfg.input_perturbation), a_t)  # x_t, DDPM eq. 4
-                captions = drop_captions(batch["text"], cfg.caption_dropout, generator=None)
+                noisy = add_noise(latents, perturb_noise(noise, cfg.input_perturbation, gens), a_t)  # x_t, DDPM eq. 4
+                captions = [pick_caption(cell, g) for cell, g in zip(batch["text"], gens)]
+                captions = drop_captions(captions, cfg.caption_dropout, generator=gens)
                 ids = tokenize(tokenizer, captions).to(accelerator.device)
                 with torch.set_grad_enabled(train_te):
                     context = encode_tokens(text_encoder, ids)  # (B, L, D)
@@ -325,7 +327,8 @@ def main(argv: list[str] | None = None) -> Path:
                     optimizer.step()
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            samples.update(json.dumps(batch["text"]).encode())
+            samples.update(json.dumps(captions).encode())
+            step_indices += accelerator.gather(batch["index"].to(accelerator.device)).tolist()  # every process's
             if not bad_update:
                 loss_sum += loss.detach()
                 loss_count += 1
@@ -351,8 +354,9 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator.log(logs, step=global_step)
             if accelerator.is_main_process:
                 with open(trace_path, "a") as fh:
-                    fh.write(json.dumps({"step": global_step, **logs, "samples": samples.hexdigest()[:16]}) + "\n")
-            samples = hashlib.sha1()
+                    fh.write(json.dumps({"step": global_step, **logs, "samples": samples.hexdigest()[:16],
+                                         "indices": step_indices}) + "\n")
+            samples, step_indices = hashlib.sha1(), []
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}")
             saved = cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
                                      image_column=cfg.image_column, caption_column=cfg.caption_column,
                                      builtin_num_images=cfg.builtin_num_images, resolution=cfg.resolution,
                                      seed=cfg.seed, builtin_colors=cfg.builtin_colors)
-    dataset = dataset.with_transform(make_batch_transform(cfg.resolution, True, cfg.random_flip, cfg.seed))
+    dataset = dataset.with_transform(make_batch_transform(cfg.resolution, True, cfg.random_flip))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True,
                                          collate_fn=collate, drop_last=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
