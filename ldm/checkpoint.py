@@ -144,11 +144,16 @@ def commit(final: Path, step: int, fingerprint: dict | None = None) -> None:
 
 def data_fingerprint(dataset) -> str:
     """Identity of a captioned data set that survives moving it (another mount point, copied
-    files with new mtimes): its size and a hash of every caption in order."""
+    files with new mtimes): its size, a hash of every caption in order and, for checked user data,
+    of every image's content hash."""
     digest = hashlib.sha256(str(len(dataset)).encode())
     for caption in dataset["text"]:
         digest.update(json.dumps(caption).encode())
-    return f"{len(dataset)} examples, captions {digest.hexdigest()[:16]}"
+    what = "captions"
+    if "image_hash" in dataset.column_names:
+        digest.update("".join(dataset["image_hash"]).encode())
+        what = "images + captions"
+    return f"{len(dataset)} examples, {what} {digest.hexdigest()[:16]}"
 
 
 def model_fingerprint(model_cfg: Any, *parts: Any) -> str:
@@ -189,7 +194,8 @@ def check_pickles(path: Path, process_index: int = 0) -> None:
 # Changing these under a resumed run makes it another run: refused unless --allow_config_drift.
 # Anything else in the fingerprint (step count, LR schedule) is reported with a warning, so that
 # a run can be extended.
-STRICT_KEYS = ("global_batch", "world_size", "gradient_accumulation_steps", "resolution", "seed", "model", "data")
+STRICT_KEYS = ("global_batch", "world_size", "gradient_accumulation_steps", "resolution", "seed", "model", "data",
+               "lora")
 
 
 def drift(saved: dict, current: dict) -> list[tuple[str, str]]:

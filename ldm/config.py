@@ -426,6 +426,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--on_bad_data must be skip or fail, got {cfg.on_bad_data!r}")
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora_rank must be >= 0, got {cfg.lora_rank}")
+    if cfg.lora_rank and not cfg.pretrained_model_name_or_path:
+        raise ValueError("--lora_rank adapts a pretrained model: give --pretrained_model_name_or_path")
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise ValueError(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):

@@ -7,7 +7,8 @@ import random
 from typing import Any, Callable
 
 import torch
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 from torchvision import transforms
 
 logger = logging.getLogger(__name__)
@@ -16,35 +17,52 @@ logger = logging.getLogger(__name__)
 def load_captioned_dataset(*, train_data_dir: str | None, dataset_name: str | None,
                            image_column: str, caption_column: str, builtin_num_images: int,
                            resolution: int, seed: int, cache_dir: str | None = None,
-                           builtin_colors: str = "named"):
-    """A `datasets.Dataset` with columns `image_column` and `caption_column`.
+                           builtin_colors: str = "named", on_bad_data: str = "skip",
+                           max_image_pixels: int = 89_478_485, tokenizer=None):
+    """A `datasets.Dataset` with columns image (PIL) and text (a caption, or a list of them).
 
-    train_data_dir: a folder in the HF imagefolder layout (images + metadata.jsonl / .csv with a
-        `file_name` column). dataset_name: a hub data set (needs network). Neither: the built-in
+    train_data_dir: a folder (HF imagefolder metadata.jsonl / .csv, or sidecar .txt / .caption
+        files; see `ldm.datacheck`). dataset_name: a hub data set (needs network). Either is
+        checked first (every image opened once; bad rows skipped or, with on_bad_data="fail", an
+        error listing them) and gets image_hash / width / height columns. Neither: the built-in
         synthetic shapes set (`builtin_colors`: see `ldm.synthetic.make_examples`).
+    tokenizer: when given, captions longer than its model_max_length are counted and warned about.
     """
-    from datasets import load_dataset
+    from ldm import datacheck
 
     if train_data_dir:
-        ds = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
-        source = train_data_dir
+        rows, source = datacheck.folder_rows(train_data_dir, caption_column), train_data_dir
     elif dataset_name:
+        from datasets import load_dataset
+
         ds = load_dataset(dataset_name, cache_dir=cache_dir, split="train")
-        source = dataset_name
+        rows, source = _hub_rows(ds, image_column, caption_column, dataset_name), dataset_name
     else:
         from ldm.synthetic import make_dataset
 
         ds = make_dataset(builtin_num_images, resolution, seed, builtin_colors)
-        source, image_column, caption_column = "built-in shapes", "image", "text"
+        logger.info("data: %d examples from the built-in shapes", len(ds))
+        return ds
+    if not rows:
+        raise ValueError(f"{source}: no images found (expected metadata.jsonl / metadata.csv or images with "
+                         f".txt / .caption files)")
+    max_tokens = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    kept, _ = datacheck.check_rows(rows, max_pixels=max_image_pixels, on_bad_data=on_bad_data,
+                                   tokenizer=tokenizer, max_tokens=max_tokens)
+    if not kept:
+        raise ValueError(f"{source}: every one of {len(rows)} items is bad (see the report above)")
+    logger.info("data: %d examples from %s", len(kept), source)
+    return datacheck.to_dataset(kept)
+
+
+def _hub_rows(ds, image_column: str, caption_column: str, name: str) -> list:
+    from ldm import datacheck
+
     for column in (image_column, caption_column):
         if column not in ds.column_names:
-            raise ValueError(f"{source}: no column {column!r}; columns are {ds.column_names} "
+            raise ValueError(f"{name}: no column {column!r}; columns are {ds.column_names} "
                              f"(set --image_column / --caption_column)")
-    if image_column != "image" or caption_column != "text":
-        ds = ds.select_columns([image_column, caption_column])
-        ds = ds.rename_columns({image_column: "image", caption_column: "text"})
-    logger.info("data: %d examples from %s", len(ds), source)
-    return ds
+    return datacheck.dataset_rows(ds, image_column, caption_column, name)
 
 
 def image_transform(resolution: int, center_crop: bool, random_flip: bool) -> transforms.Compose:
@@ -83,13 +101,21 @@ def make_batch_transform(resolution: int, center_crop: bool, random_flip: bool):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with transparency composited on white (not on black, which RGBA->RGB would give)."""
+    """8-bit RGB, upright: EXIF orientation applied; transparency (RGBA, LA, palette with a
+    transparent colour) composited on white, not on black as a plain convert would; CMYK
+    converted; 16-bit and 32-bit grayscale scaled to 8 bits (a plain convert would clip them)."""
+    if img.getexif().get(0x0112, 1) not in (1, None):
+        img = ImageOps.exif_transpose(img)
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and values.max() <= 1.0 else 65535.0 if values.max() > 255 else 255.0
+        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
 
 

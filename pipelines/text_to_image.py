@@ -17,6 +17,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -35,7 +36,10 @@ class TextToImageOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class TextToImagePipeline(DiffusionPipeline):
+class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """`load_lora_weights(dir_or_file)` / `fuse_lora()` / `unload_lora_weights()` come from diffusers'
+    Stable Diffusion LoRA loader (the files `training/train_ldm.py --lora_rank N` writes)."""
+
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,

@@ -105,6 +105,37 @@ def test_end_to_end_on_a_user_folder_gives_a_loadable_pipeline(tmp_path):
 
 
 @pytest.mark.slow
+def test_lora_fine_tune_on_a_folder_with_bad_files(tmp_path, tiny_pipeline_dir):
+    """LoRA (U-Net + text encoder) from a pretrained folder, on user data with a broken image and
+    an uncaptioned one (both reported and skipped), with noise offset, input perturbation and
+    zero-terminal SNR: only the small adapter file is written and it loads into our pipeline."""
+    data = export_folder(tmp_path / "data", n=24, resolution=32, seed=5)
+    (data / "broken.png").write_bytes(b"not a png")
+    with open(data / "metadata.jsonl", "a") as fh:
+        fh.write(json.dumps({"file_name": "broken.png", "text": "a broken file"}) + "\n")
+        fh.write(json.dumps({"file_name": "00000.png"}) + "\n")  # listed again, no caption
+    out = tmp_path / "lora"
+    proc = launch(["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(data),
+                   "--output_dir", str(out), *FAST, "--lora_rank", "4", "--train_text_encoder",
+                   "--noise_offset", "0.05", "--input_perturbation", "0.1", "--zero_terminal_snr",
+                   "--learning_rate", "1e-2"])
+    assert "broken.png: unreadable" in proc.stderr and "skipped: unreadable" in proc.stderr
+    assert "data: 24 examples" in proc.stderr
+    assert not (out / "unet").exists()  # adapters only
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in lora) and all("lora" in k for k in lora)
+    info = json.loads((out / "lora_info.json").read_text())
+    assert info["base_model"] == str(tiny_pipeline_dir) and info["rank"] == 4
+    pipe = TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+    before = pipe("a red circle", **kw).images
+    pipe.load_lora_weights(out)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    assert not torch.allclose(pipe("a red circle", **kw).images, before, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_same_seed_same_weights_and_exact_resume(tmp_path):
     """Two runs with one seed end bit-identical. A run stopped after its step-2 checkpoint
     (mid-epoch: 6 batches per epoch) and resumed ends bit-identical to the uninterrupted one:

@@ -38,8 +38,9 @@ from ldm.diffusion import (add_noise, gather, min_snr_weight, offset_noise, pert
                            timestep_probabilities, training_target)
 from ldm.draws import categorical, randn, sample_generators
 from ldm.images import image_grid
+from ldm.lora import add_lora, save_lora, trainable_parameters
 from ldm.models import components_for_training, count_parameters, with_resolution
-from ldm.runtime import GracefulStop, StopRequested, use_cpu_cores
+from ldm.runtime import GracefulStop, StopRequested, make_adamw, use_cpu_cores
 from ldm.schedulers import make_sampler, training_scheduler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from pipelines import TextToImagePipeline
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
                 accelerator.device, torch.get_num_threads(), accelerator.mixed_precision)
 
     # ---------------------------------------------------------------- 1. models
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     set_seed(cfg.seed)  # same initial weights on every process
     pretrained_vae = cfg.pretrained_vae_name_or_path
     if pretrained_vae is None and not cfg.pretrained_model_name_or_path:
@@ -97,6 +99,12 @@ def main(argv: list[str] | None = None) -> Path:
     train_te = (not comps.text_encoder_pretrained) if cfg.train_text_encoder is None else cfg.train_text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(train_te)
+    if cfg.lora_rank:  # adapters only (float32); the frozen base in the compute dtype
+        unet.to(dtype=weight_dtype)
+        add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+        if train_te:
+            text_encoder.to(dtype=weight_dtype)
+            add_lora(text_encoder, cfg.lora_rank, cfg.lora_alpha)
     unet.train()
     text_encoder.train(train_te)
     configure_attention([unet, vae], cfg.attention_backend, accelerator.device)
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
                 count_parameters(unet) / 1e6, count_parameters(vae) / 1e6,
                 count_parameters(text_encoder) / 1e6, "trained" if train_te else "frozen", prediction_type)
     ema_models = {"unet": unet, "text_encoder": text_encoder} if train_te else {"unet": unet}
-    emas = {name: EMAModel(m.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+    emas = {name: EMAModel(trainable_parameters(m), decay=cfg.ema_decay, use_ema_warmup=True)
             for name, m in ema_models.items()} if cfg.use_ema else {}
 
     # ---------------------------------------------------------------- 2. data
@@ -117,7 +125,8 @@ def main(argv: list[str] | None = None) -> Path:
     dataset = load_captioned_dataset(
         train_data_dir=cfg.train_data_dir, dataset_name=cfg.dataset_name, image_column=cfg.image_column,
         caption_column=cfg.caption_column, builtin_num_images=cfg.builtin_num_images,
-        resolution=resolution, seed=cfg.seed, cache_dir=None)
+        resolution=resolution, seed=cfg.seed, on_bad_data=cfg.on_bad_data, max_image_pixels=cfg.max_image_pixels,
+        tokenizer=tokenizer)
     if cfg.max_train_samples:
         dataset = dataset.select(range(min(cfg.max_train_samples, len(dataset))))
     data_id = ckpt.data_fingerprint(dataset)
@@ -142,10 +151,10 @@ def main(argv: list[str] | None = None) -> Path:
     # ---------------------------------------------------------------- 3. optimizer
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
     if train_te:
-        groups.append({"params": list(text_encoder.parameters()),
+        groups.append({"params": trainable_parameters(text_encoder),
                        "lr": cfg.text_encoder_lr or cfg.learning_rate})
-    optimizer = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay)
+    optimizer = make_adamw(groups, eight_bit=cfg.use_8bit_adam, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                           weight_decay=cfg.adam_weight_decay)
     # The prepared scheduler steps once per process per optimizer step, hence the factor.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
@@ -153,7 +162,6 @@ def main(argv: list[str] | None = None) -> Path:
     unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         unet, text_encoder, optimizer, dataloader, lr_scheduler)
     # Frozen parts in the compute dtype; the VAE stays float32 under fp16 (SD's VAE overflows).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.to(accelerator.device)
     if weight_dtype == torch.bfloat16:
         vae.to(dtype=torch.bfloat16)
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
         "objective": [cfg.snr_gamma, cfg.noise_offset, cfg.input_perturbation, noise_scheduler.config.rescale_betas_zero_snr],
         "model": ckpt.model_fingerprint(model_cfg, cfg.pretrained_model_name_or_path, pretrained_vae,
                                         prediction_type, train_te),
-        "data": data_id,
+        "data": data_id, **({"lora": [cfg.lora_rank, cfg.lora_alpha]} if cfg.lora_rank else {}),
     }
     global_step = 0
     resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
@@ -242,8 +250,8 @@ def main(argv: list[str] | None = None) -> Path:
         if not accelerator.is_main_process or not cfg.validation_prompts:
             return
         for name, ema in emas.items():
-            ema.store(ema_models[name].parameters())
-            ema.copy_to(ema_models[name].parameters())
+            ema.store(trainable_parameters(ema_models[name]))
+            ema.copy_to(trainable_parameters(ema_models[name]))
         pipe = build_pipeline()
         n = cfg.num_validation_images
         gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts) * n)]
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> Path:
             return
         finally:
             for name, ema in emas.items():
-                ema.restore(ema_models[name].parameters())
+                ema.restore(trainable_parameters(ema_models[name]))
         (out / "samples").mkdir(exist_ok=True)
         grid = image_grid(images, cols=n)
         grid.save(out / "samples" / f"step_{step:06d}.png")
@@ -346,7 +354,7 @@ def main(argv: list[str] | None = None) -> Path:
             else:
                 consecutive_bad = 0
                 for name, ema in emas.items():
-                    ema.step(ema_models[name].parameters())
+                    ema.step(trainable_parameters(ema_models[name]))
             step_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
             loss_sum.zero_()
             loss_count = 0
@@ -387,9 +395,14 @@ def main(argv: list[str] | None = None) -> Path:
         if not cfg.validation_steps or global_step % cfg.validation_steps:
             validate(global_step)
         for name, ema in emas.items():  # the saved model holds the EMA weights
-            ema.copy_to(ema_models[name].parameters())
+            ema.copy_to(trainable_parameters(ema_models[name]))
         pipe = build_pipeline()
-        pipe.save_pretrained(out)
+        if cfg.lora_rank:  # the adapters alone (small); load with pipe.load_lora_weights(out)
+            save_lora(out, pipe.unet, pipe.text_encoder if train_te else None,
+                      info={"base_model": cfg.pretrained_model_name_or_path, "rank": cfg.lora_rank,
+                            "alpha": cfg.lora_alpha or cfg.lora_rank})
+        else:
+            pipe.save_pretrained(out)
         if cfg.eval_images_per_case and not (cfg.train_data_dir or cfg.dataset_name):
             report, images = evaluate_pipeline(pipe, held_out_cases(), images_per_case=cfg.eval_images_per_case,
                                                guidance_scale=cfg.validation_guidance_scale, seed=cfg.seed)

@@ -1,0 +1,67 @@
+"""LoRA (Hu et al. 2021) on the U-Net and the CLIP text encoder, through peft.
+
+The boundary is thin on purpose: peft adds the adapters, diffusers converts and writes them in
+its LoRA format (`pytorch_lora_weights.safetensors`, keys `unet.*` / `text_encoder.*`), which
+our pipeline and diffusers' `StableDiffusionPipeline.load_lora_weights` both read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Attention projections, as in diffusers' train_text_to_image_lora.py and peft's SD recipes.
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
+             targets: tuple[str, ...] | None = None) -> None:
+    """Freeze `model` and add trainable rank-`rank` adapters (scale alpha / rank; default 1) to its
+    attention projections. B starts at zero, so the model's output is unchanged until trained.
+    Works on diffusers' UNet2DConditionModel and transformers' CLIPTextModel."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if targets is None:
+        targets = UNET_TARGETS if hasattr(model, "conv_in") else TEXT_ENCODER_TARGETS
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                 target_modules=list(targets)))
+    for p in trainable_parameters(model):  # trained in float32 even when the base is half precision
+        p.data = p.data.float()
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters of `model` in diffusers' key format (no base weights)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
+def save_lora(directory: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
+              info: dict | None = None) -> Path:
+    """Write `directory/pytorch_lora_weights.safetensors` (+ `lora_info.json` with `info`, e.g. the
+    base model and rank). Load it with `pipe.load_lora_weights(directory)`."""
+    from diffusers import StableDiffusionPipeline
+
+    directory = Path(directory)
+    te_layers = lora_state_dict(text_encoder) if text_encoder is not None and _has_lora(text_encoder) else None
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=lora_state_dict(unet),
+                                              text_encoder_lora_layers=te_layers, safe_serialization=True)
+    if info is not None:
+        (directory / "lora_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return directory / WEIGHT_NAME
+
+
+def _has_lora(model: torch.nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
