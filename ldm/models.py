@@ -6,7 +6,9 @@ Stable Diffusion folder and a Stable Diffusion folder is ours.
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -114,8 +116,69 @@ def load_vae(path: str) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(path, **_subfolder(path, "vae"))
 
 
-def load_pretrained(path: str) -> Components:
-    """Every component from a diffusers-layout folder or hub id (model_index.json layout)."""
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def is_single_file(path: str) -> bool:
+    return Path(path).is_file() and Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
+def write_pipeline_configs(cfg: ModelConfig, directory: str | Path) -> Path:
+    """A diffusers-layout folder holding only configs and the tokenizer (no weights): what
+    diffusers' single-file loaders read instead of fetching a config from the hub."""
+    directory = Path(directory)
+    latent = cfg.resolution // cfg.vae.downsample_factor
+    with torch.device("meta"):  # configs only: no memory for SD-sized weights
+        unet = build_unet(cfg.unet, in_channels=cfg.vae.latent_channels, sample_size=latent,
+                          cross_attention_dim=cfg.text.hidden_size)
+        vae = build_vae(cfg.vae, cfg.resolution)
+        text_encoder = build_text_encoder(cfg.text)
+    unet.save_config(directory / "unet")
+    vae.save_config(directory / "vae")
+    text_encoder.config.save_pretrained(directory / "text_encoder")
+    build_clip_tokenizer(cfg.text.max_length).save_pretrained(directory / "tokenizer")
+    build_noise_scheduler(cfg.noise).save_config(directory / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+             "requires_safety_checker": False}
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return directory
+
+
+def load_single_file(path: str, config: str | None = None) -> Components:
+    """A single-file Stable Diffusion 1.x checkpoint (original CompVis key layout) through diffusers'
+    `from_single_file`, offline: `config` is a diffusers-layout folder with the configs (default:
+    written from the sd15 preset). Pickled files (.ckpt / .pt / .bin) are read with
+    `torch.load(weights_only=True)` only: one that would run code is refused."""
+    from diffusers import StableDiffusionPipeline
+
+    if Path(path).suffix.lower() != ".safetensors":
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure of the safe loader is a refusal
+            raise ValueError(f"{path}: not loadable with torch.load(weights_only=True), refusing to unpickle it "
+                             f"(convert it to .safetensors from a trusted environment): {e}") from e
+    with tempfile.TemporaryDirectory() as tmp:
+        if config is None:
+            from ldm.config import model_preset
+
+            config = str(write_pipeline_configs(model_preset("sd15"), tmp))
+            logger.info("loading single-file checkpoint %s with the sd15 preset's configs", path)
+        else:
+            logger.info("loading single-file checkpoint %s with the configs in %s", path, config)
+        pipe = StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True,
+                                                        safety_checker=None, requires_safety_checker=False)
+        noise_scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(config, subfolder="scheduler"))
+    return Components(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, noise_scheduler,
+                      text_encoder_pretrained=True)
+
+
+def load_pretrained(path: str, single_file_config: str | None = None) -> Components:
+    """Every component from a diffusers-layout folder, a hub id, or a single-file checkpoint."""
+    if is_single_file(path):
+        return load_single_file(path, single_file_config)
     vae = load_vae(path)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
@@ -126,11 +189,12 @@ def load_pretrained(path: str) -> Components:
 
 
 def components_for_training(cfg: ModelConfig, *, pretrained: str | None, pretrained_vae: str | None,
-                            prediction_type: str | None, seed: int) -> Components:
+                            prediction_type: str | None, seed: int,
+                            single_file_config: str | None = None) -> Components:
     """Pretrained where asked, random (seeded) elsewhere; the noise scheduler's prediction type
     set to the one we train."""
     if pretrained:
-        comps = load_pretrained(pretrained)
+        comps = load_pretrained(pretrained, single_file_config)
     else:
         comps = build_components(cfg, seed=seed)
     if pretrained_vae:

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> Path:
         pretrained_vae = model_cfg.pretrained_vae  # the preset's own first stage
     comps = components_for_training(model_cfg, pretrained=cfg.pretrained_model_name_or_path,
                                     pretrained_vae=None if pretrained_vae == "none" else pretrained_vae,
-                                    prediction_type=cfg.prediction_type, seed=cfg.seed)
+                                    prediction_type=cfg.prediction_type, seed=cfg.seed,
+                                    single_file_config=cfg.single_file_config)
     vae, text_encoder, tokenizer, unet = comps.vae, comps.text_encoder, comps.tokenizer, comps.unet
     # x_t is drawn from this schedule (zero-terminal-SNR rescale applied), and SNR weights from its alphas
     noise_scheduler = training_scheduler(comps.noise_scheduler.config, zero_terminal_snr=cfg.zero_terminal_snr)
