@@ -37,7 +37,12 @@ def launch(args: list[str], *, processes: int = 1, timeout: int = 300) -> subpro
     if processes > 1:
         # accelerate's --cpu launcher starts one process without mpirun; this forms a gloo group.
         env["ACCELERATE_USE_CPU"] = "true"
-        cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "29533"]
+        import socket
+
+        with socket.socket() as s:  # a free port: parallel test workers must not collide
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(port)]
     proc = subprocess.run(cmd + [str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
