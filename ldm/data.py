@@ -6,10 +6,12 @@ import logging
 import random
 from typing import Any, Callable
 
-import torch
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
+
+from ldm.buckets import assign_bucket, make_buckets, resize_and_crop, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -161,19 +163,66 @@ class Indexed(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def encode_dataset(vae, dataset, resolution: int, batch_size: int = 128,
-                   should_stop: Callable[[], None] | None = None) -> CachedLatents:
-    """Encode every image once (center crop, no flip: the only transform a cache can hold).
+                   should_stop: Callable[[], None] | None = None,
+                   buckets: list[tuple[int, int]] | None = None) -> CachedLatents:
+    """Encode every image once (center crop, no flip: the only transform a cache can hold), at
+    `resolution` or, with `buckets` (one (width, height) per image), at its bucket's size.
     `should_stop` is called before each batch and may raise to abandon the work."""
-    tf = image_transform(resolution, center_crop=True, random_flip=False)
-    moments, captions = [], []
-    for start in range(0, len(dataset), batch_size):
-        if should_stop is not None:
-            should_stop()
-        rows = dataset[start : start + batch_size]
-        pixels = torch.stack([tf(to_rgb(img)) for img in rows["image"]]).to(vae.device, vae.dtype)
-        moments.append(vae.encode(pixels).latent_dist.parameters.float().cpu())  # (B, 2C, h, w)
-        captions += rows["text"]
-    return CachedLatents(torch.cat(moments), captions)
+    square = image_transform(resolution, center_crop=True, random_flip=False)
+
+    def prepare(img: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
+        if bucket is None:
+            return square(to_rgb(img))
+        return to_tensor(resize_and_crop(to_rgb(img), bucket)[0])
+
+    if buckets is None:
+        buckets = [None] * len(dataset)
+    groups: dict[tuple[int, int] | None, list[int]] = {}
+    for i, bucket in enumerate(buckets):
+        groups.setdefault(bucket, []).append(i)
+    moments: list[torch.Tensor | None] = [None] * len(dataset)
+    for bucket, indices in groups.items():
+        for start in range(0, len(indices), batch_size):
+            if should_stop is not None:
+                should_stop()
+            chunk = indices[start : start + batch_size]
+            images = dataset[chunk]["image"]
+            pixels = torch.stack([prepare(img, bucket) for img in images])
+            encoded = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float().cpu()
+            for i, m in zip(chunk, encoded):  # (2C, h, w) each
+                moments[i] = m
+    captions = list(dataset["text"])
+    stacked = torch.stack(moments) if len(groups) == 1 else moments
+    return CachedLatents(stacked, captions)
+
+
+def bucket_sizes(dataset, resolution: int, divisor: int, no_upscale: bool = False) -> list[tuple[int, int]]:
+    """Each image's aspect-ratio bucket (`ldm.buckets`), from the width / height the data check recorded."""
+    buckets = make_buckets(resolution, divisor)
+    if "width" in dataset.column_names:
+        sizes = zip(dataset["width"], dataset["height"])
+    else:
+        sizes = (to_rgb(img).size for img in dataset["image"])
+    return [assign_bucket(w, h, buckets, divisor, no_upscale) for w, h in sizes]
+
+
+class BucketedImages(torch.utils.data.Dataset):
+    """Images resized and cropped to their bucket on the fly (random crop / flip allowed; they draw
+    from Python's `random` of the data-loader worker)."""
+
+    def __init__(self, dataset, buckets: list[tuple[int, int]], center_crop: bool, random_flip: bool):
+        self.dataset, self.buckets = dataset, buckets
+        self.center_crop, self.random_flip = center_crop, random_flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.dataset[i]
+        img, _ = resize_and_crop(to_rgb(row["image"]), self.buckets[i], None if self.center_crop else random)
+        if self.random_flip and random.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {"pixel_values": to_tensor(img), "text": row["text"], "index": i}
 
 
 def collate_latents(examples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -222,7 +222,7 @@ def check_rows(rows: list[Row], *, max_pixels: int = 89_478_485, on_bad_data: st
 
 def _too_long(cell: Any, tokenizer, max_tokens: int) -> bool:
     texts = [cell] if isinstance(cell, str) else list(cell)
-    return any(len(tokenizer(t, truncation=False)["input_ids"]) > max_tokens for t in texts)
+    return any(len(tokenizer(t, truncation=False, verbose=False)["input_ids"]) > max_tokens for t in texts)
 
 
 # ------------------------------------------------------------------------------- data sets

@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch training/train_ldm.py` runs this as a file
@@ -32,8 +33,9 @@ from tqdm.auto import tqdm
 from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
 from ldm.config import TrainConfig, model_preset, resolve_train_config, save_config
-from ldm.data import (Indexed, collate, collate_latents, encode_dataset, load_captioned_dataset, make_batch_transform,
-                      pick_caption)
+from ldm.buckets import BucketBatchSampler
+from ldm.data import (BucketedImages, Indexed, bucket_sizes, collate, collate_latents, encode_dataset,
+                      load_captioned_dataset, make_batch_transform, pick_caption)
 from ldm.diffusion import (add_noise, gather, min_snr_weight, offset_noise, perturb_noise, snr,
                            timestep_probabilities, training_target)
 from ldm.draws import categorical, randn, sample_generators
@@ -131,10 +133,16 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.max_train_samples:
         dataset = dataset.select(range(min(cfg.max_train_samples, len(dataset))))
     data_id = ckpt.data_fingerprint(dataset)
+    buckets = None  # with --aspect_buckets: each image's (width, height), batches of one bucket
+    if cfg.aspect_buckets:  # sides divisible by the VAE's and the U-Net's downsampling
+        divisor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
+        buckets = bucket_sizes(dataset, resolution, divisor, cfg.bucket_no_upscale)
+        logger.info("aspect buckets (width x height: images): %s", dict(Counter(f"{w}x{h}" for w, h in buckets)))
     if cfg.cache_latents and cfg.center_crop and not cfg.random_flip:  # the VAE is frozen: encode once
         vae.to(accelerator.device)
         try:
-            dataset, collate_fn = encode_dataset(vae, dataset, resolution, should_stop=stop.check), collate_latents
+            dataset = encode_dataset(vae, dataset, resolution, should_stop=stop.check, buckets=buckets)
+            collate_fn = collate_latents
             logger.info("cached the latents of %d images", len(dataset))
         except StopRequested:
             pass
@@ -142,12 +150,19 @@ def main(argv: list[str] | None = None) -> Path:
             logger.warning("stopped while caching latents (before step 1); nothing to save")
             stop.restore()
             return out
+    elif buckets:
+        dataset, collate_fn = BucketedImages(dataset, buckets, cfg.center_crop, cfg.random_flip), collate
     else:
         dataset = Indexed(dataset.with_transform(make_batch_transform(resolution, cfg.center_crop, cfg.random_flip)))
         collate_fn = collate
+    # Bucketed batches come from our own sampler, already sharded by process (accelerate leaves
+    # that loader alone); otherwise accelerate shards a seeded shuffle.
+    sampler = BucketBatchSampler(buckets, cfg.train_batch_size, seed=cfg.seed, num_replicas=accelerator.num_processes,
+                                 rank=accelerator.process_index) if buckets else None
     dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.train_batch_size, shuffle=True, collate_fn=collate_fn,
-        num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+        dataset, collate_fn=collate_fn, num_workers=cfg.dataloader_num_workers,
+        **({"batch_sampler": sampler} if sampler else
+           {"batch_size": cfg.train_batch_size, "shuffle": True, "generator": torch.Generator().manual_seed(cfg.seed)}))
 
     # ---------------------------------------------------------------- 3. optimizer
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
@@ -160,8 +175,9 @@ def main(argv: list[str] | None = None) -> Path:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
-    unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-        unet, text_encoder, optimizer, dataloader, lr_scheduler)
+    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    if sampler is None:
+        dataloader = accelerator.prepare(dataloader)
     # Frozen parts in the compute dtype; the VAE stays float32 under fp16 (SD's VAE overflows).
     vae.to(accelerator.device)
     if weight_dtype == torch.bfloat16:
@@ -189,6 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
         "model": ckpt.model_fingerprint(model_cfg, cfg.pretrained_model_name_or_path, pretrained_vae,
                                         prediction_type, train_te),
         "data": data_id, **({"lora": [cfg.lora_rank, cfg.lora_alpha]} if cfg.lora_rank else {}),
+        **({"aspect_buckets": [cfg.aspect_buckets, cfg.bucket_no_upscale]} if cfg.aspect_buckets else {}),
     }
     global_step = 0
     resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
@@ -290,10 +307,13 @@ def main(argv: list[str] | None = None) -> Path:
     for epoch in range(first_epoch, num_epochs):
         if global_step >= cfg.max_train_steps:  # resumed from a checkpoint at or past the end
             break
-        dataloader.set_epoch(epoch)
+        (sampler or dataloader).set_epoch(epoch)
         batches = dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(dataloader, skip_batches)
+        if epoch == first_epoch and skip_batches:  # resume mid-epoch: the batches not yet done
+            if sampler:
+                sampler.start_batch = skip_batches
+            else:
+                batches = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in batches:
             with accelerator.accumulate(unet, text_encoder):
                 # Every draw of a sample comes from its own generator, keyed by (seed, step, index):
