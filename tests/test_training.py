@@ -212,3 +212,16 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install():
+    import importlib.util
+
+    from ldm.runtime import make_adamw
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert isinstance(make_adamw([{"params": params}], lr=1e-3), torch.optim.AdamW)
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(ImportError, match=r"\.\[bnb\]"):
+        make_adamw([{"params": params}], eight_bit=True, lr=1e-3)
