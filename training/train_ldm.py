@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # `accelerate launch training/train_ldm.py` runs 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> Path:
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     if sampler is None:
         dataloader = accelerator.prepare(dataloader)
+    else:  # already sharded: wrapped (device placement, end-of-epoch accumulation sync), not re-sharded
+        dataloader = prepare_data_loader(dataloader, accelerator.device, num_processes=1, process_index=0,
+                                         put_on_device=True)
     # Frozen parts in the compute dtype; the VAE stays float32 under fp16 (SD's VAE overflows).
     vae.to(accelerator.device)
     if weight_dtype == torch.bfloat16:
@@ -307,13 +311,10 @@ def main(argv: list[str] | None = None) -> Path:
     for epoch in range(first_epoch, num_epochs):
         if global_step >= cfg.max_train_steps:  # resumed from a checkpoint at or past the end
             break
-        (sampler or dataloader).set_epoch(epoch)
+        dataloader.set_epoch(epoch)
         batches = dataloader
         if epoch == first_epoch and skip_batches:  # resume mid-epoch: the batches not yet done
-            if sampler:
-                sampler.start_batch = skip_batches
-            else:
-                batches = accelerator.skip_first_batches(dataloader, skip_batches)
+            batches = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in batches:
             with accelerator.accumulate(unet, text_encoder):
                 # Every draw of a sample comes from its own generator, keyed by (seed, step, index):
