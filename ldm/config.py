@@ -241,6 +241,10 @@ class TrainConfig:
                                 default=True)
     cache_dir: str | None = _help("on-disk latent / text-embedding cache, keyed by image content, model "
                                   "weights and preprocessing (default: in memory only)", default=None)
+    cache_text_embeddings: bool = _help("with --cache_dir and a frozen text encoder, also cache each caption's "
+                                        "embeddings", default=True)
+    cache_in_memory: bool = _help("load the --cache_dir entries into memory (off: read each step, for data "
+                                  "larger than RAM)", default=True)
     dataloader_num_workers: int = _help("data loader worker processes", default=0)
     cpu_threads: int | None = _help("torch threads per process on CPU (default: cores / processes; "
                                     "accelerate launch sets 1)", default=None)

@@ -141,6 +141,24 @@ def test_lora_fine_tune_on_a_folder_with_bad_files(tmp_path, tiny_pipeline_dir):
 
 
 @pytest.mark.slow
+def test_disk_caches_are_hit_on_the_second_run_and_change_nothing(tmp_path, tiny_pipeline_dir):
+    """Fine-tuning a pretrained folder (text encoder frozen) with --cache_dir: the first run fills
+    the latent and text caches, the second only reads them, and both end with the same weights
+    as a run without the disk cache."""
+    data = export_folder(tmp_path / "data", n=24, resolution=32, seed=5)
+    base = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(data), *FAST]
+    cache = ["--cache_dir", str(tmp_path / "cache")]
+    first = launch([*base, *cache, "--output_dir", str(tmp_path / "first")])
+    assert "latent cache: 24 entries, 24 checked here: 0 hits, 24 misses" in first.stderr, first.stderr[-3000:]
+    assert "text cache:" in first.stderr
+    second = launch([*base, *cache, "--output_dir", str(tmp_path / "second")])
+    assert "latent cache: 24 entries, 24 checked here: 24 hits, 0 misses" in second.stderr, second.stderr[-3000:]
+    launch([*base, "--output_dir", str(tmp_path / "plain")])
+    assert_same(weights(tmp_path / "first"), weights(tmp_path / "plain"))
+    assert_same(weights(tmp_path / "second"), weights(tmp_path / "plain"))
+
+
+@pytest.mark.slow
 def test_same_seed_same_weights_and_exact_resume(tmp_path):
     """Two runs with one seed end bit-identical. A run stopped after its step-2 checkpoint
     (mid-epoch: 6 batches per epoch) and resumed ends bit-identical to the uninterrupted one:

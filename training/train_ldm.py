@@ -35,6 +35,7 @@ from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
 from ldm.config import TrainConfig, model_preset, resolve_train_config, save_config
 from ldm.buckets import BucketBatchSampler
+from ldm.cache import LatentCache, TextEmbeddingCache, latent_items
 from ldm.data import (BucketedImages, Indexed, bucket_sizes, collate, collate_latents, encode_dataset,
                       load_captioned_dataset, make_batch_transform, pick_caption)
 from ldm.diffusion import (add_noise, gather, min_snr_weight, offset_noise, perturb_noise, snr,
@@ -139,18 +140,33 @@ def main(argv: list[str] | None = None) -> Path:
         divisor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
         buckets = bucket_sizes(dataset, resolution, divisor, cfg.bucket_no_upscale)
         logger.info("aspect buckets (width x height: images): %s", dict(Counter(f"{w}x{h}" for w, h in buckets)))
-    if cfg.cache_latents and cfg.center_crop and not cfg.random_flip:  # the VAE is frozen: encode once
-        vae.to(accelerator.device)
-        try:
+    cells, text_cache = list(dataset["text"]), None  # caption cells, before latents replace the images
+    procs = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
+                 wait_for_everyone=accelerator.wait_for_everyone, should_stop=stop.check)
+    caching = cfg.cache_latents and cfg.center_crop and not cfg.random_flip  # the VAE is frozen: encode once
+    try:
+        if caching and cfg.cache_dir:  # on disk, keyed by image content, VAE weights and preprocessing
+            vae.to(accelerator.device)
+            items, source, latent_cache = latent_items(dataset, resolution, buckets), dataset, LatentCache(cfg.cache_dir, vae)
+            logger.info("latent cache: %s", latent_cache.ensure(items, lambda idx: source[idx]["image"], batch_size=128, **procs))
+            dataset = latent_cache.dataset(items, cells, in_memory=cfg.cache_in_memory)
+        elif caching:
+            vae.to(accelerator.device)
             dataset = encode_dataset(vae, dataset, resolution, should_stop=stop.check, buckets=buckets)
-            collate_fn = collate_latents
-            logger.info("cached the latents of %d images", len(dataset))
-        except StopRequested:
-            pass
-        if stop.agreed(accelerator):  # nothing trained yet: nothing to save
-            logger.warning("stopped while caching latents (before step 1); nothing to save")
-            stop.restore()
-            return out
+        if cfg.cache_dir and cfg.cache_text_embeddings and not train_te:  # frozen: each caption encoded once
+            text_encoder.to(accelerator.device, dtype=weight_dtype)
+            text_cache = TextEmbeddingCache(cfg.cache_dir, text_encoder, tokenizer, in_memory=cfg.cache_in_memory,
+                                            settings={"autocast": accelerator.mixed_precision})
+            with accelerator.autocast():  # as the prepared encoder runs in the loop
+                logger.info("text cache: %s", text_cache.ensure(cells, **procs))
+    except StopRequested:
+        pass
+    if stop.agreed(accelerator):  # nothing trained yet: nothing to save
+        logger.warning("stopped while caching latents (before step 1); nothing to save")
+        stop.restore()
+        return out
+    if caching:
+        collate_fn = collate_latents
     elif buckets:
         dataset, collate_fn = BucketedImages(dataset, buckets, cfg.center_crop, cfg.random_flip), collate
     else:
@@ -332,9 +348,12 @@ def main(argv: list[str] | None = None) -> Path:
                 noisy = add_noise(latents, perturb_noise(noise, cfg.input_perturbation, gens), a_t)  # x_t, DDPM eq. 4
                 captions = [pick_caption(cell, g) for cell, g in zip(batch["text"], gens)]
                 captions = drop_captions(captions, cfg.caption_dropout, generator=gens)
-                ids = tokenize(tokenizer, captions).to(accelerator.device)
-                with torch.set_grad_enabled(train_te):
-                    context = encode_tokens(text_encoder, ids)  # (B, L, D)
+                if text_cache is not None:
+                    context = text_cache.lookup(captions).to(accelerator.device)  # (B, L, D), encoded up front
+                else:
+                    ids = tokenize(tokenizer, captions).to(accelerator.device)
+                    with torch.set_grad_enabled(train_te):
+                        context = encode_tokens(text_encoder, ids)  # (B, L, D)
                 pred = unet(noisy, timesteps, encoder_hidden_states=context, return_dict=False)[0]
                 target = training_target(prediction_type, latents, noise, a_t)
                 loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
