@@ -443,8 +443,8 @@ def test_two_processes_train_the_same_weights_as_one_and_resume_exactly(tmp_path
 @pytest.mark.slow
 def test_resume_with_aspect_buckets_is_exact(tmp_path):
     """A folder of three aspect ratios at 64 px: buckets 64x64, 48x80 and 80x48 (batches of one
-    shape each). Resumed mid-epoch and after the epoch boundary, the run equals the uninterrupted
-    one, sample order included; the first epoch sees every image once."""
+    shape each). Resumed in the second epoch, the run equals the uninterrupted one, sample order
+    included; the first epoch sees every image once."""
     import numpy as np
     from PIL import Image
 
@@ -465,7 +465,7 @@ def test_resume_with_aspect_buckets_is_exact(tmp_path):
     assert len(steps) == 8
     per_epoch = 2 + 2 + 2  # ceil(14 / 8) + 2 x ceil(13 / 8) batches (of 8, 6, 8, 5, 8, 5 images)
     assert sorted(i for r in steps[:per_epoch] for i in r["indices"]) == list(range(40))
-    for step in (3, per_epoch + 1):
+    for step in (per_epoch + 1,):  # mid-way through the second epoch (one resume: this test is slow)
         resumed = tmp_path / f"from-{step}"
         resume_copy(reference, resumed, step)
         run(["--output_dir", str(resumed), *args, "--resume_from_checkpoint", "latest"])
