@@ -78,14 +78,12 @@ def image_transform(resolution: int, center_crop: bool, random_flip: bool) -> tr
     ])
 
 
-def pick_caption(value: Any, rng: random.Random | torch.Generator) -> str:
-    """A caption cell may hold one string or several (one is picked at random per use)."""
+def pick_caption(value: Any, generator: torch.Generator) -> str:
+    """A caption cell may hold one string or several (one is picked with the sample's generator)."""
     if isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        if isinstance(rng, torch.Generator):
-            return value[int(torch.randint(len(value), (1,), generator=rng))]
-        return rng.choice(list(value))
+        return value[int(torch.randint(len(value), (1,), generator=generator))]
     raise ValueError(f"caption must be a string or a list of strings, got {value!r}")
 
 
