@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,18 +311,24 @@ def resume_copy(reference: Path, dest: Path, step: int) -> None:
     """What a run interrupted right after its step-`step` checkpoint leaves behind: the output
     folder with that checkpoint (later ones, the final pipeline and the rest of the log were
     never written... the log is cut by the resumed run itself)."""
-    import shutil
-
-    shutil.copytree(reference, dest)
-    for s, path in ckpt.complete_checkpoints(dest):
-        if s > step:
-            shutil.rmtree(path)
+    # Only the checkpoint resumed from is copied (the earlier ones are not read): the suite's
+    # disk use stays small.
+    keep = ckpt.checkpoint_dir(reference, step).name
+    shutil.copytree(reference, dest, ignore=lambda d, names: [n for n in names if Path(d).name == "checkpoints"
+                                                               and n != keep])
     for name in ("unet", "text_encoder", "vae", "tokenizer", "scheduler", "run_info.json", "model_index.json"):
         p = dest / name
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+
+
+def prune(folder: Path, keep: tuple[int, ...]) -> None:
+    """Delete the checkpoints a test no longer reads (each is ~150 MB at the tiny preset)."""
+    for step, path in ckpt.complete_checkpoints(folder):
+        if step not in keep:
+            shutil.rmtree(path)
 
 
 def same_state(a: Path, b: Path) -> list[str]:
@@ -355,6 +362,7 @@ def test_resume_at_several_points_is_exact(tmp_path, workers, points):
     args = [*EXACT, "--dataloader_num_workers", str(workers)]
     reference = tmp_path / "reference"
     run(["--output_dir", str(reference), *args])
+    prune(reference, keep=(*points, 8))
     assert [r["step"] for r in trace(reference)] == list(range(1, 9))
     for step in points:
         resumed = tmp_path / f"from-{step}"
@@ -362,6 +370,7 @@ def test_resume_at_several_points_is_exact(tmp_path, workers, points):
         proc = run(["--output_dir", str(resumed), *args, "--resume_from_checkpoint", "latest"])
         assert f"(step {step})" in proc.stderr
         assert same_state(reference, resumed) == [], f"resumed at step {step}"
+        shutil.rmtree(resumed)
 
 
 @pytest.mark.slow
@@ -369,6 +378,7 @@ def test_resume_check_catches_a_data_loader_that_is_not_fast_forwarded(tmp_path)
     """Negative control: the same comparison fails when the resumed run restarts the epoch."""
     reference = tmp_path / "reference"
     run(["--output_dir", str(reference), *EXACT])
+    prune(reference, keep=(3, 8))
     resumed = tmp_path / "resumed"
     resume_copy(reference, resumed, 3)
     run(["--output_dir", str(resumed), *EXACT, "--resume_from_checkpoint", "latest"],
@@ -416,8 +426,11 @@ def test_two_processes_train_the_same_weights_as_one_and_resume_exactly(tmp_path
              "--cpu_threads", "1"]
     one, two, acc = tmp_path / "one", tmp_path / "two", tmp_path / "acc"
     run(["--output_dir", str(one), *BASE, *steps])
+    prune(one, keep=(1, 8))
     run(["--output_dir", str(acc), *BASE, *steps, "--train_batch_size", "4", "--gradient_accumulation_steps", "2"])
+    prune(acc, keep=())
     launch2(["--output_dir", str(two), *BASE, *steps, "--train_batch_size", "4"])
+    prune(two, keep=(1, 3, 8))
     t1, t2 = trace(one), trace(two)
     assert [sorted(r["indices"]) for r in t1] == [sorted(r["indices"]) for r in t2]
     seen = [i for r in t2[:6] for i in r["indices"]]  # 6 steps of 8 = one epoch of 48 images
@@ -461,6 +474,7 @@ def test_resume_with_aspect_buckets_is_exact(tmp_path):
     reference = tmp_path / "reference"
     proc = run(["--output_dir", str(reference), *args])
     assert "'64x64': 14" in proc.stderr and "'48x80': 13" in proc.stderr and "'80x48': 13" in proc.stderr
+    prune(reference, keep=(7, 8))
     steps = trace(reference)
     assert len(steps) == 8
     per_epoch = 2 + 2 + 2  # ceil(14 / 8) + 2 x ceil(13 / 8) batches (of 8, 6, 8, 5, 8, 5 images)
