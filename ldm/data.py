@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -11,60 +13,117 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
 
+from ldm import datacheck
 from ldm.buckets import assign_bucket, make_buckets, resize_and_crop, to_tensor
+from ldm.datacheck import DEFAULT_MAX_IMAGE_PIXELS, SUPPORTED_MODES
 
 logger = logging.getLogger(__name__)
+
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_DEEP_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def load_captioned_dataset(*, train_data_dir: str | None, dataset_name: str | None,
                            image_column: str, caption_column: str, builtin_num_images: int,
                            resolution: int, seed: int, cache_dir: str | None = None,
                            builtin_colors: str = "named", on_bad_data: str = "skip",
-                           max_image_pixels: int = 89_478_485, tokenizer=None):
-    """A `datasets.Dataset` with columns image (PIL) and text (a caption, or a list of them).
+                           max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, tokenizer=None,
+                           max_length: int | None = None):
+    """A `datasets.Dataset` with columns image (PIL, decoded on access) and text (a caption, or a
+    list of them: `pick_caption`).
 
     train_data_dir: a folder (HF imagefolder metadata.jsonl / .csv, or sidecar .txt / .caption
-        files; see `ldm.datacheck`). dataset_name: a hub data set (needs network). Either is
-        checked first (every image opened once; bad rows skipped or, with on_bad_data="fail", an
-        error listing them) and gets image_hash / width / height columns. Neither: the built-in
-        synthetic shapes set (`builtin_colors`: see `ldm.synthetic.make_examples`).
-    tokenizer: when given, captions longer than its model_max_length are counted and warned about.
+        files; see `ldm.datacheck`). dataset_name: a hub data set (`datasets.load_dataset`, needs
+        network). Either is checked first (every image opened once; bad rows skipped or, with
+        on_bad_data="fail", one ValueError listing them) and gets image_hash / width / height
+        columns. Neither: the built-in synthetic shapes set, unchecked and unchanged
+        (`builtin_colors`: see `ldm.synthetic.make_examples`).
+    max_image_pixels: larger images are bad (decompression bombs).
+    tokenizer, max_length: with a tokenizer, captions over max_length tokens (default: its
+        model_max_length) are counted and warned about once.
     """
-    from ldm import datacheck
-
+    check = dict(on_bad_data=on_bad_data, max_image_pixels=max_image_pixels, tokenizer=tokenizer,
+                 max_length=max_length)
     if train_data_dir:
-        rows, source = datacheck.folder_rows(train_data_dir, caption_column), train_data_dir
-    elif dataset_name:
+        return checked_folder(train_data_dir, caption_column=caption_column, **check)
+    if dataset_name:
         from datasets import load_dataset
 
         ds = load_dataset(dataset_name, cache_dir=cache_dir, split="train")
-        rows, source = _hub_rows(ds, image_column, caption_column, dataset_name), dataset_name
-    else:
-        from ldm.synthetic import make_dataset
+        return checked_dataset(ds, image_column=image_column, caption_column=caption_column, name=dataset_name,
+                               **check)
+    from ldm.synthetic import make_dataset
 
-        ds = make_dataset(builtin_num_images, resolution, seed, builtin_colors)
-        logger.info("data: %d examples from the built-in shapes", len(ds))
-        return ds
-    if not rows:
-        raise ValueError(f"{source}: no images found (expected metadata.jsonl / metadata.csv or images with "
+    ds = make_dataset(builtin_num_images, resolution, seed, builtin_colors)
+    logger.info("data: %d examples from the built-in shapes", len(ds))
+    return ds
+
+
+def checked_folder(root: str | Path, *, caption_column: str = datacheck.DEFAULT_CAPTION_COLUMN,
+                   on_bad_data: str = "skip", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, tokenizer=None,
+                   max_length: int | None = None):
+    """The good rows of a user folder (`ldm.datacheck.folder_rows`) as a `datasets.Dataset`: image
+    (a path, decoded on access), text, image_hash, width, height."""
+    from datasets import Dataset, Features, Image as ImageFeature
+
+    datacheck.validate_settings(on_bad_data, max_image_pixels)
+    scan = datacheck.folder_rows(root, caption_column)
+    if not scan.rows:
+        raise ValueError(f"{root}: no images found (expected metadata.jsonl / metadata.csv, or images with "
                          f".txt / .caption files)")
-    max_tokens = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
-    kept, _ = datacheck.check_rows(rows, max_pixels=max_image_pixels, on_bad_data=on_bad_data,
-                                   tokenizer=tokenizer, max_tokens=max_tokens)
+    kept, report = datacheck.check_rows(scan.rows, source=str(root), max_image_pixels=max_image_pixels,
+                                        tokenizer=tokenizer, max_length=max_length)
+    _log_and_enforce(replace(report, unlisted=scan.unlisted), kept, on_bad_data)
+    images = Dataset.from_dict({"image": [{"path": str(k.row.path), "bytes": None} for k in kept]},
+                               features=Features({"image": ImageFeature()}))
+    return _with_check_columns(images, kept)
+
+
+def checked_dataset(ds, *, image_column: str = "image", caption_column: str = datacheck.DEFAULT_CAPTION_COLUMN,
+                    name: str = "dataset", on_bad_data: str = "skip",
+                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, tokenizer=None, max_length: int | None = None):
+    """The same for a `datasets.Dataset` (what `load_dataset` returns for a hub name). The kept
+    images stay where `ds` keeps them: its memory-mapped cache files are not copied into memory."""
+    from datasets import Image as ImageFeature
+
+    datacheck.validate_settings(on_bad_data, max_image_pixels)
+    rows = datacheck.dataset_rows(ds, image_column, caption_column, name)
+    if not rows:
+        raise ValueError(f"{name}: the data set is empty")
+    kept, report = datacheck.check_rows(rows, source=name, max_image_pixels=max_image_pixels, tokenizer=tokenizer,
+                                        max_length=max_length)
+    _log_and_enforce(report, kept, on_bad_data)
+    images = ds.select_columns([image_column])
+    if len(kept) < len(ds):  # a cache-backed data set writes the kept rows to a new cache file
+        images = images.select([k.index for k in kept]).flatten_indices()
+    if image_column != "image":
+        images = images.rename_column(image_column, "image")
+    return _with_check_columns(images.cast_column("image", ImageFeature()), kept)
+
+
+def _log_and_enforce(report: datacheck.Report, kept: list[datacheck.Kept], on_bad_data: str) -> None:
+    datacheck.log_report(report)
+    datacheck.apply_policy(report, on_bad_data)
     if not kept:
-        raise ValueError(f"{source}: every one of {len(rows)} items is bad (see the report above)")
-    logger.info("data: %d examples from %s", len(kept), source)
-    return datacheck.to_dataset(kept)
+        raise ValueError(f"{report.source}: every one of {report.total} items is bad (see the report above)")
+    logger.info("data: %d examples from %s", len(kept), report.source)
 
 
-def _hub_rows(ds, image_column: str, caption_column: str, name: str) -> list:
-    from ldm import datacheck
+def _with_check_columns(images, kept: list[datacheck.Kept]):
+    """`images` (an image column, one row per kept item) plus text, image_hash, width, height.
+    Caption cells are all strings, or all lists when any row has several (one Arrow type)."""
+    from datasets import Dataset, Features, List, Value, concatenate_datasets
 
-    for column in (image_column, caption_column):
-        if column not in ds.column_names:
-            raise ValueError(f"{name}: no column {column!r}; columns are {ds.column_names} "
-                             f"(set --image_column / --caption_column)")
-    return datacheck.dataset_rows(ds, image_column, caption_column, name)
+    captions = [k.row.caption for k in kept]
+    several = any(not isinstance(c, str) for c in captions)
+    if several:
+        captions = [[c] if isinstance(c, str) else list(c) for c in captions]
+    columns = Dataset.from_dict(
+        {"text": captions, "image_hash": [k.info.sha256 for k in kept],
+         "width": [k.info.width for k in kept], "height": [k.info.height for k in kept]},
+        features=Features({"text": List(Value("string")) if several else Value("string"),
+                           "image_hash": Value("string"), "width": Value("int32"), "height": Value("int32")}))
+    return concatenate_datasets([images, columns], axis=1)
 
 
 def image_transform(resolution: int, center_crop: bool, random_flip: bool) -> transforms.Compose:
@@ -101,22 +160,41 @@ def make_batch_transform(resolution: int, center_crop: bool, random_flip: bool):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB, upright: EXIF orientation applied; transparency (RGBA, LA, palette with a
-    transparent colour) composited on white, not on black as a plain convert would; CMYK
-    converted; 16-bit and 32-bit grayscale scaled to 8 bits (a plain convert would clip them)."""
+    """Any Pillow image (`SUPPORTED_MODES`) as the upright 8-bit RGB image training starts from.
+
+    - EXIF orientation applied (cameras store the pixels sideways plus a tag);
+    - transparency (RGBA, LA, PA, premultiplied RGBa / La, or a palette, L or RGB image with a
+      transparent colour) composited on white: a plain convert drops alpha and shows whatever
+      colour the transparent pixels hold, often black;
+    - 16-bit and 32-bit integer grayscale (I;16*, I) mapped from 0..65535 to 0..255 (a plain
+      convert clips at 255: most of a 16-bit image turns white); float grayscale (F) from 0..1
+      when every value is in it, else from 0..255 (Pillow's convention), see `_gray_to_8bit`;
+    - CMYK, YCbCr, LAB, HSV, L and 1 converted by Pillow.
+    """
     if img.getexif().get(0x0112, 1) not in (1, None):
         img = ImageOps.exif_transpose(img)
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in _DEEP_GRAY_MODES:
+        return _gray_to_8bit(img).convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        if img.mode == "La":  # premultiplied: Pillow converts it to LA only
+            img = img.convert("LA")
         rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and values.max() <= 1.0 else 65535.0 if values.max() > 255 else 255.0
-        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    return img.convert("RGB")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _gray_to_8bit(img: Image.Image) -> Image.Image:
+    """I;16* / I / F -> L. Integers are 16-bit samples (how Pillow opens 16-bit PNG and TIFF; 32-bit
+    values beyond 0..65535 clip). Floats have no fixed range: 0..1 if they all fit, else 0..255;
+    NaN is black."""
+    values = np.asarray(img, dtype=np.float64)  # (H, W)
+    if img.mode == "F":
+        values = np.nan_to_num(values, nan=0.0)
+        top = 1.0 if values.size and values.min() >= 0.0 and values.max() <= 1.0 else 255.0
+    else:
+        top = 65535.0
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:

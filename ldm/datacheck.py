@@ -1,17 +1,24 @@
 """Find a data set's bad files before training, not hours into it.
 
-A user folder is read in one of two layouts:
-  * HF imagefolder: images plus `metadata.jsonl` or `metadata.csv` (any folder level) whose
-    `file_name` column is relative to the metadata file; the caption column is `--caption_column`
-    (a string, or in jsonl a list of strings: several captions, one picked per step);
-  * sidecar captions: `photo.png` with `photo.txt` or `photo.caption` beside it; each non-empty
-    line is one caption (several lines: several captions).
-A hub data set (or any `datasets.Dataset`) goes through the same checks.
+A user folder is read in one of two layouts (`folder_rows`):
+  * HF imagefolder: images plus `metadata.jsonl` or `metadata.csv` files (any folder level, one
+    extension for all) whose `file_name` column is a path relative to the metadata file's folder.
+    Captions come from `caption_column` ("text"; when no row has one but exactly one of
+    caption / captions / prompt exists, that column, logged). A jsonl caption cell may be a list
+    of strings: several captions, one picked at random per use (`ldm.data.pick_caption`). Images
+    that no metadata file lists are ignored, as `datasets` does, and counted in the report.
+  * sidecar captions (no metadata file anywhere): every image, recursively, with `name.txt` or
+    `name.caption` beside it (`.txt` wins when both exist). Each non-empty line of it is one
+    caption: a file of several lines gives several captions, not one long caption.
+Names starting with "." are ignored (.git, .cache, macOS `._photo.jpg` resource forks).
+A hub data set, or any `datasets.Dataset`, goes through the same checks (`dataset_rows`).
+`ldm.data.checked_folder` / `checked_dataset` turn the kept rows into a `datasets.Dataset`.
 
-Every image is opened and fully decoded once. Problems are reported by path with a reason
-(`REASONS`); `on_bad_data="skip"` drops those rows and goes on, `"fail"` raises one error that
-lists them. Kept rows get their content hash (SHA-256 of the file bytes) and size after EXIF
-orientation, for caches and bucketing.
+Every image is read and fully decoded once (`check_image`) with Pillow's limits set explicitly
+for the pass (`pil_limits`). A bad item is reported by path with one of `REASONS`;
+`on_bad_data="skip"` drops it and goes on, `"fail"` raises one ValueError listing them
+(`apply_policy`). Kept rows get `image_hash` (sha256 of the file's bytes) and `width` / `height`
+after EXIF orientation, for the latent cache and aspect-ratio buckets.
 """
 
 from __future__ import annotations
@@ -22,238 +29,462 @@ import io
 import json
 import logging
 import os
+import re
+import time
+import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-CAPTION_EXTENSIONS = (".txt", ".caption")
-MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16", "I;16B", "I;16L", "F", "La", "RGBa"}
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default limit (a 9459 x 9459 image)
+# Every mode Pillow 13 has (`PIL.Image.MODES`); `ldm.data.to_rgb` turns each into 8-bit RGB
+# (tests/test_datacheck.py checks one image per mode, and that Pillow has no other).
+SUPPORTED_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                             "LAB", "HSV", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+CAPTION_EXTENSIONS = (".txt", ".caption")  # in order of preference
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+# Only these decoders are tried: a file named .png that is really EPS would otherwise start
+# Ghostscript. (JPEG covers camera MPO files: Pillow opens those through its JPEG plugin.)
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+DEFAULT_CAPTION_COLUMN = "text"
+CAPTION_FALLBACKS = ("caption", "captions", "prompt")
+BAD_DATA_POLICIES = ("skip", "fail")
 REASONS = ("unreadable", "truncated", "unsupported mode", "too many pixels", "missing file",
-           "path outside the folder", "missing caption", "empty caption", "duplicate")
+           "path outside the folder", "duplicate", "bad metadata", "missing caption", "empty caption",
+           "bad caption")
+LIST_FIRST = 20  # problems named in a log line or an error; the JSON report has all of them
+PROGRESS_SECONDS = 10.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
-    """One candidate example: where its image comes from and its caption cell."""
+    """One candidate example: where its image is and its caption cell."""
 
-    label: str  # how the report names it (a path, or `name[i]`)
-    path: Path | None = None
-    data: bytes | None = None
+    label: str  # how the report names it: a path, `metadata.jsonl:7`, or `name[i] (path)`
+    path: Path | None = None  # the image file to read, or
+    data: bytes | None = None  # the encoded image held in memory (a `datasets` cell)
     caption: Any = None
-    problem: str | None = None  # set when found bad before opening the image
+    problem: str | None = None  # "reason: detail" when bad before the image is read
 
 
-@dataclass
+@dataclass(frozen=True)
+class ImageInfo:
+    sha256: str  # of the encoded bytes, as stored
+    width: int  # after EXIF orientation (what `ldm.data.to_rgb` returns)
+    height: int
+
+
+class Kept(NamedTuple):
+    index: int  # position in the checked rows
+    row: Row
+    info: ImageInfo
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    rows: list[Row]
+    unlisted: list[str]  # images no metadata file lists (ignored)
+
+
+@dataclass(frozen=True)
 class Report:
-    total: int = 0
-    kept: int = 0
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (label, reason: detail)
-    long_captions: int = 0
-    max_tokens: int | None = None
+    source: str
+    total: int
+    kept: int
+    problems: list[tuple[str, str]]  # (label, "reason: detail"), in row order
+    max_length: int | None = None
+    long_captions: list[tuple[str, int]] = field(default_factory=list)  # (label, tokens), kept rows only
+    same_content: list[tuple[str, str]] = field(default_factory=list)  # (label, label of the first copy)
+    unlisted: list[str] = field(default_factory=list)
 
     def counts(self) -> Counter:
-        return Counter(reason.split(":")[0] for _, reason in self.problems)
+        return Counter(reason_of(problem) for _, problem in self.problems)
 
     def table(self) -> str:
-        lines = [f"{'kept':<32}{self.kept:>8}"]
-        lines += [f"{'skipped: ' + reason:<32}{n:>8}" for reason, n in sorted(self.counts().items())]
-        if self.max_tokens:
-            lines.append(f"{f'captions > {self.max_tokens} tokens':<32}{self.long_captions:>8}")
-        lines.append(f"{'total':<32}{self.total:>8}")
-        return "\n".join(lines)
+        lines = [("kept", self.kept)]
+        lines += [(f"skipped: {reason}", n) for reason, n in sorted(self.counts().items())]
+        lines.append(("total", self.total))
+        if self.max_length:
+            lines.append((f"captions over {self.max_length} tokens (kept, truncated)", len(self.long_captions)))
+        if self.same_content:
+            lines.append(("same image as an earlier row (kept)", len(self.same_content)))
+        if self.unlisted:
+            lines.append(("images in no metadata file (ignored)", len(self.unlisted)))
+        return "\n".join(f"  {name:<44}{n:>8}" for name, n in lines)
+
+    def problem_list(self, limit: int | None = LIST_FIRST) -> str:
+        shown = self.problems if limit is None else self.problems[:limit]
+        text = "\n".join(f"  {label}: {problem}" for label, problem in shown)
+        if len(shown) < len(self.problems):
+            text += f"\n  ... and {len(self.problems) - len(shown)} more"
+        return text
 
     def to_json(self) -> dict:
-        return {"total": self.total, "kept": self.kept, "skipped": dict(self.counts()),
-                "long_captions": self.long_captions, "problems": [{"item": i, "reason": r} for i, r in self.problems]}
+        return {"source": self.source, "total": self.total, "kept": self.kept, "skipped": dict(self.counts()),
+                "problems": [{"item": label, "reason": reason_of(p), "detail": p} for label, p in self.problems],
+                "max_length": self.max_length,
+                "long_captions": [{"item": label, "tokens": n} for label, n in self.long_captions],
+                "same_content": [{"item": label, "same_as": first} for label, first in self.same_content],
+                "unlisted": self.unlisted}
+
+
+def reason_of(problem: str) -> str:
+    return problem.split(":", 1)[0]
 
 
 # ------------------------------------------------------------------------------- reading a folder
-def folder_rows(root: str | Path, caption_column: str = "text") -> list[Row]:
-    """Candidate rows of a folder: from its metadata files if it has any, else sidecar captions."""
+def folder_rows(root: str | Path, caption_column: str = DEFAULT_CAPTION_COLUMN) -> FolderScan:
+    """Candidate rows of a folder: from its metadata files if it has any, else sidecar captions.
+    Raises for a broken layout (not a folder, mixed metadata formats, no file_name column)."""
     root = Path(root)
-    metas = sorted(p for p in root.rglob("metadata.*") if p.suffix in (".jsonl", ".csv") and p.is_file())
-    if metas:
-        return [row for meta in metas for row in _metadata_rows(root, meta, caption_column)]
-    return _sidecar_rows(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    files = _walk(root)
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    metas = [p for p in files if p.name in METADATA_NAMES]
+    if not metas:
+        return FolderScan(_sidecar_rows(root.resolve(), images, set(files)), unlisted=[])
+    if len({p.suffix for p in metas}) > 1:
+        raise ValueError(f"{root}: both metadata.jsonl and metadata.csv files; use one format "
+                         f"({', '.join(map(str, metas))})")
+    rows: list[Row] = []
+    listed: set[Path] = set()  # resolved files, over every metadata file: a second listing is a duplicate
+    for meta in metas:
+        rows += _metadata_rows(meta, caption_column, listed)
+    named = {os.path.normpath(row.label) for row in rows}  # as written, so a rejected symlink counts as listed
+    return FolderScan(rows, unlisted=[str(p) for p in images if os.path.normpath(p) not in named])
 
 
-def _metadata_rows(root: Path, meta: Path, caption_column: str) -> list[Row]:
-    if meta.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{meta}:{n}: not valid JSON ({e})") from e
-    else:
-        with open(meta, newline="", encoding="utf-8") as fh:
-            records = list(csv.DictReader(fh))
-    if records and "file_name" not in records[0]:
-        raise ValueError(f"{meta}: no file_name column (columns: {sorted(records[0])})")
-    column = _caption_key(records, caption_column, meta)
-    rows, seen, base = [], set(), meta.parent.resolve()
-    for rec in records:
-        name = str(rec.get("file_name") or "")
-        row = Row(label=f"{meta.parent / name}", caption=rec.get(column))
-        target = (meta.parent / name).resolve()
-        if not name or os.path.isabs(name) or not _inside(target, root.resolve()) or not _inside(target, base):
-            row.problem = f"path outside the folder: {name!r} in {meta.name}"
-        elif target in seen:
-            row.problem = f"duplicate: listed again in {meta.name}"
-        elif not target.is_file():
-            row.problem = "missing file: listed in metadata"
-        else:
-            row.path = target
-        seen.add(target)
-        rows.append(row)
+def _walk(root: Path) -> list[Path]:
+    """Files under root in a fixed order, without hidden names; symlinked folders are not entered."""
+    files: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(folder) / n for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _metadata_rows(meta: Path, caption_column: str, listed: set[Path]) -> list[Row]:
+    records = _read_metadata(meta)
+    column = caption_column_of(_keys(rec for _, rec in records if isinstance(rec, dict)), caption_column, meta)
+    base = meta.parent.resolve()
+    rows = []
+    for where, rec in records:
+        if isinstance(rec, str):  # a line that could not be read
+            rows.append(Row(label=where, problem=rec))
+            continue
+        name = rec.get("file_name")
+        if not isinstance(name, str) or not name:
+            rows.append(Row(label=where, caption=rec.get(column), problem="bad metadata: no file_name"))
+            continue
+        target, problem = listed_file(name, base, listed)
+        if problem is not None:
+            problem += f" ({where})"
+        rows.append(Row(label=str(meta.parent / name), path=target, caption=rec.get(column), problem=problem))
     return rows
 
 
-def _caption_key(records: list[dict], wanted: str, source: Path) -> str:
-    keys = set(records[0]) if records else {wanted}
-    if wanted in keys:
+def listed_file(name: str, base: Path, listed: set[Path]) -> tuple[Path | None, str | None]:
+    """(resolved file, None), or (None, problem) for a metadata `file_name` relative to the resolved
+    folder `base`; adds the file to `listed`. Like `datasets`, a path must stay inside `base`:
+    no absolute paths, no `..` above it, no symlink pointing out of it."""
+    if os.path.isabs(name):
+        return None, "path outside the folder: absolute path"
+    target = (base / name).resolve()
+    if not _inside(target, base):
+        symlink = not os.path.normpath(name).startswith("..")
+        return None, f"path outside the folder: {'a symlink to ' + str(target) if symlink else name}"
+    if target in listed:
+        return None, "duplicate: listed before"
+    listed.add(target)
+    if not target.is_file():
+        return None, f"missing file: {'a folder' if target.is_dir() else 'not found'}"
+    return target, None
+
+
+def _read_metadata(meta: Path) -> list[tuple[str, dict | str]]:
+    """(where, record) per row; the record is a problem string for a row that cannot be read.
+    utf-8-sig: spreadsheet programs write a byte-order mark that would rename the first column."""
+    try:
+        text = meta.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{meta}: not UTF-8 text ({e})") from e
+    if meta.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is not None and "file_name" not in reader.fieldnames:
+            raise ValueError(f"{meta}: no file_name column (columns: {reader.fieldnames})")
+        return [(f"{meta}:{reader.line_num}", rec) for rec in reader]
+    records: list[tuple[str, dict | str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            records.append((f"{meta}:{n}", f"bad metadata: not JSON ({e})"))
+            continue
+        records.append((f"{meta}:{n}", rec if isinstance(rec, dict) else "bad metadata: not a JSON object"))
+    if records and not any(isinstance(rec, dict) and "file_name" in rec for _, rec in records):
+        raise ValueError(f"{meta}: no row has a file_name")
+    return records
+
+
+def _keys(records: Iterable[dict]) -> set[str]:
+    return {key for rec in records for key in rec}
+
+
+def caption_column_of(columns: Iterable[str], wanted: str, source: Any) -> str:
+    """The caption column: `wanted`, or when that is the default and absent, the one common
+    caption name present (never a guess between two)."""
+    columns = set(columns)
+    if wanted in columns or not columns:
         return wanted
-    fallback = [k for k in ("text", "caption", "captions", "prompt") if k in keys]
-    if len(fallback) == 1:
-        logger.info("%s: no %r column; using %r for captions", source, wanted, fallback[0])
-        return fallback[0]
-    raise ValueError(f"{source}: no caption column {wanted!r}; columns are {sorted(keys)} (set --caption_column)")
+    found = [name for name in CAPTION_FALLBACKS if name in columns] if wanted == DEFAULT_CAPTION_COLUMN else []
+    if len(found) == 1:
+        logger.info("%s: no %r column; using %r for captions", source, wanted, found[0])
+        return found[0]
+    raise ValueError(f"{source}: no caption column {wanted!r}; columns are {sorted(columns)} (set --caption_column)")
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def _sidecar_rows(root: Path) -> list[Row]:
+def _sidecar_rows(root: Path, images: list[Path], files: set[Path]) -> list[Row]:
+    """Rows for images with caption files beside them; `root` is resolved."""
     rows = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-        row = Row(label=str(path), path=path.resolve())
-        if not _inside(row.path, root.resolve()):  # a symlink pointing out of the folder
-            row.problem, row.path = "path outside the folder: symlink", None
-        sidecars = [path.with_suffix(ext) for ext in CAPTION_EXTENSIONS if path.with_suffix(ext).is_file()]
-        if sidecars:
-            lines = [ln.strip() for ln in sidecars[0].read_text(encoding="utf-8", errors="replace").splitlines()]
-            lines = [ln for ln in lines if ln]
-            row.caption = lines[0] if len(lines) == 1 else lines
-        rows.append(row)
+    for path in images:
+        sidecar = next((path.with_suffix(ext) for ext in CAPTION_EXTENSIONS if path.with_suffix(ext) in files), None)
+        real = path.resolve()
+        if not _inside(real, root):
+            rows.append(Row(label=str(path), problem=f"path outside the folder: a symlink to {real}"))
+        elif sidecar is None:
+            rows.append(Row(label=str(path), path=real, problem="missing caption: no .txt or .caption file"))
+        elif not _inside(sidecar.resolve(), root):
+            rows.append(Row(label=str(path), problem=f"path outside the folder: {sidecar.name} is a symlink out"))
+        else:
+            caption, problem = read_sidecar(sidecar)
+            rows.append(Row(label=str(path), path=real, caption=caption, problem=problem))
+    return rows
+
+
+def read_sidecar(path: Path) -> tuple[str | list[str] | None, str | None]:
+    """(caption cell, problem): one caption per non-empty line, stripped; "" when there is none."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    except UnicodeDecodeError:
+        return None, f"bad caption: {path.name} is not UTF-8 text"
+    lines = [line for line in lines if line]
+    return (lines[0] if len(lines) == 1 else lines or ""), None
+
+
+# ------------------------------------------------------------------------------- a datasets.Dataset
+def dataset_rows(ds, image_column: str, caption_column: str, name: str) -> list[Row]:
+    """Rows of a `datasets.Dataset` (hub or local) with the images still encoded: bytes, or a
+    path where the cell holds only one. Raises when the columns are not there."""
+    from datasets import Image as ImageFeature
+
+    if image_column not in ds.column_names:
+        raise ValueError(f"{name}: no image column {image_column!r}; columns are {ds.column_names} "
+                         f"(set --image_column)")
+    caption_column = caption_column_of(ds.column_names, caption_column, name)
+    raw = ds.select_columns([image_column, caption_column]).cast_column(image_column, ImageFeature(decode=False))
+    rows = []
+    for i, rec in enumerate(raw):
+        cell = rec[image_column] or {}
+        data, path = cell.get("bytes"), cell.get("path")
+        rows.append(Row(label=f"{name}[{i}]" + (f" ({path})" if path else ""),
+                        path=Path(path) if path and not data else None, data=data or None,
+                        caption=rec[caption_column], problem=None if data or path else "missing file: no image data"))
     return rows
 
 
 # ------------------------------------------------------------------------------- checking
 def caption_problem(cell: Any) -> str | None:
+    """Why a caption cell is unusable, or None. A list is fine when one entry has text."""
     if cell is None:
         return "missing caption"
     texts = [cell] if isinstance(cell, str) else cell if isinstance(cell, (list, tuple)) else None
     if texts is None or not all(isinstance(t, str) for t in texts):
-        return f"missing caption: not a string or a list of strings ({type(cell).__name__})"
-    if not texts or not any(t.strip() for t in texts):
+        return f"bad caption: not a string or a list of strings ({cell!r:.60})"
+    if not any(t.strip() for t in texts):
         return "empty caption"
     return None
 
 
-def check_image(source: Path | bytes, max_pixels: int) -> tuple[str | None, dict]:
-    """(problem or None, {"sha256", "width", "height"}): opens and fully decodes the image once."""
-    raw = source.read_bytes() if isinstance(source, Path) else source
-    info = {"sha256": hashlib.sha256(raw).hexdigest()}
+def clean_caption(cell: str | Sequence[str]) -> str | list[str]:
+    """A good cell with blank entries dropped from lists (picked, one would act as an unasked-for
+    caption dropout). A single string is kept exactly as written."""
+    return cell if isinstance(cell, str) else [t for t in cell if t.strip()]
+
+
+@contextmanager
+def pil_limits(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to `max_pixels` (over it, `Image.open` raises instead
+    of warning) and truncated files refused, for the check only: Pillow's globals are restored
+    after, so decoding elsewhere (training) keeps whatever its process configured."""
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            w, h = img.size
-            if w * h > max_pixels:  # checked before decoding: a bomb never gets decompressed
-                return f"too many pixels: {w}x{h} > {max_pixels}", info
-            if img.mode not in MODES:
-                return f"unsupported mode: {img.mode}", info
-            img.load()
-            w, h = ImageOps.exif_transpose(img).size if _oriented(img) else (w, h)
-    except Image.DecompressionBombError as e:
-        return f"too many pixels: {e}", info
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def check_image(data: bytes, max_pixels: int) -> tuple[str | None, ImageInfo | None]:
+    """(None, info) for a good encoded image, else (problem, None). The size is checked before
+    decoding (a bomb is never decompressed), then every pixel is decoded once (`load`)."""
+    if not data:
+        return "unreadable: empty file", None
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # see `pil_limits`
+        pixels = re.search(r"\((\d+) pixels\)", str(e))  # Pillow names the size, not the sides
+        return f"too many pixels: {pixels.group(1) if pixels else 'more'} > {max_pixels}", None
     except Image.UnidentifiedImageError:
-        return "unreadable: not an image file", info
+        return f"unreadable: not an image ({', '.join(FORMATS)})", None
+    except (OSError, ValueError, EOFError) as e:
+        return f"unreadable: {type(e).__name__}: {e}", None
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            return f"too many pixels: {width}x{height} > {max_pixels}", None
+        if img.mode not in SUPPORTED_MODES:
+            return f"unsupported mode: {img.mode}", None
+        try:
+            img.load()
+            orientation = img.getexif().get(0x0112, 1)  # read after load: PNG may keep EXIF after the pixels
+        except Exception as e:  # noqa: BLE001 - damaged pixel data makes Pillow's decoders raise OSError,
+            # SyntaxError, ValueError, EOFError, struct.error, ...: each is this file's problem, not the run's
+            kind = "truncated" if "truncated" in str(e).lower() else "unreadable"
+            return f"{kind}: {type(e).__name__}: {e}", None
+    if orientation in (5, 6, 7, 8):  # EXIF orientations that turn the image by 90 degrees
+        width, height = height, width
+    return None, ImageInfo(hashlib.sha256(data).hexdigest(), width, height)
+
+
+def _read(row: Row) -> tuple[bytes | None, str | None]:
+    if row.path is None:
+        return row.data, None
+    try:
+        return row.path.read_bytes(), None
+    except FileNotFoundError:
+        return None, "missing file: not found"
     except OSError as e:
-        reason = "truncated" if "truncated" in str(e).lower() or "broken" in str(e).lower() else "unreadable"
-        return f"{reason}: {e}", info
-    except (ValueError, SyntaxError) as e:
-        return f"unreadable: {e}", info
-    info.update(width=w, height=h)
-    return None, info
+        return None, f"unreadable: {e.strerror or e}"
 
 
-def _oriented(img: Image.Image) -> bool:
-    return img.getexif().get(0x0112, 1) not in (1, None)
+def check_rows(rows: Sequence[Row], *, source: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               tokenizer=None, max_length: int | None = None) -> tuple[list[Kept], Report]:
+    """Check captions, then read and decode every image once; the good rows and the report.
+    With a tokenizer, captions over `max_length` tokens (default: its model_max_length) are counted."""
+    kept: list[Kept] = []
+    problems: list[tuple[str, str]] = []
+    start = last_log = time.monotonic()
+    with pil_limits(max_image_pixels):
+        for i, row in enumerate(rows):
+            problem, info = row.problem or caption_problem(row.caption), None
+            if problem is None:
+                data, problem = _read(row)
+                if problem is None:
+                    problem, info = check_image(data, max_image_pixels)
+            if problem is None:
+                kept.append(Kept(i, replace(row, caption=clean_caption(row.caption)), info))
+            else:
+                problems.append((row.label, problem))
+            if time.monotonic() - last_log > PROGRESS_SECONDS:
+                last_log = time.monotonic()
+                logger.info("data check: %d / %d items (%.0f / s)", i + 1, len(rows), (i + 1) / (last_log - start))
+    limit = token_limit(tokenizer, max_length)
+    long = long_captions([(k.row.label, k.row.caption) for k in kept], tokenizer, limit) if limit else []
+    return kept, Report(source=source, total=len(rows), kept=len(kept), problems=problems, max_length=limit,
+                        long_captions=long, same_content=same_content(kept))
 
 
-def check_rows(rows: list[Row], *, max_pixels: int = 89_478_485, on_bad_data: str = "skip",
-               tokenizer=None, max_tokens: int | None = None) -> tuple[list[tuple[Row, dict]], Report]:
-    """Open every image once; return the good rows with their image info, and the report."""
-    if on_bad_data not in ("skip", "fail"):
-        raise ValueError(f"on_bad_data must be skip or fail, got {on_bad_data!r}")
-    report, kept = Report(total=len(rows), max_tokens=max_tokens), []
-    for n, row in enumerate(rows, 1):
-        problem, info = row.problem or caption_problem(row.caption), {}
-        if problem is None:
-            problem, info = check_image(row.path if row.path is not None else row.data, max_pixels)
-        if problem:
-            report.problems.append((row.label, problem))
+def token_limit(tokenizer, max_length: int | None) -> int | None:
+    """The caption length to warn above: `max_length`, else the tokenizer's own; None without a
+    tokenizer (nothing to count with) or when it has no limit (transformers' huge placeholder)."""
+    if tokenizer is None:
+        return None
+    limit = max_length if max_length is not None else tokenizer.model_max_length
+    return limit if limit and limit < 1_000_000 else None
+
+
+def same_content(kept: Sequence[Kept]) -> list[tuple[str, str]]:
+    """(label, label of the first row with the same image bytes) for every later copy."""
+    first: dict[str, str] = {}
+    copies = []
+    for k in kept:
+        if k.info.sha256 in first:
+            copies.append((k.row.label, first[k.info.sha256]))
         else:
-            kept.append((row, info))
-        if n % 5000 == 0:
-            logger.info("checked %d / %d images", n, len(rows))
-    report.kept = len(kept)
-    if tokenizer is not None and max_tokens:
-        report.long_captions = sum(_too_long(r.caption, tokenizer, max_tokens) for r, _ in kept)
-        if report.long_captions:
-            logger.warning("%d captions are longer than %d tokens and will be truncated", report.long_captions,
-                           max_tokens)
-    if report.problems:
-        first = "\n  ".join(f"{label}: {reason}" for label, reason in report.problems[:20])
-        more = f"\n  ... and {len(report.problems) - 20} more" if len(report.problems) > 20 else ""
-        if on_bad_data == "fail":
-            raise ValueError(f"{len(report.problems)} bad items (--on_bad_data fail):\n  {first}{more}")
-        logger.warning("skipping %d bad items:\n  %s%s", len(report.problems), first, more)
-    logger.info("data check:\n%s", report.table())
-    return kept, report
+            first[k.info.sha256] = k.row.label
+    return copies
 
 
-def _too_long(cell: Any, tokenizer, max_tokens: int) -> bool:
-    texts = [cell] if isinstance(cell, str) else list(cell)
-    return any(len(tokenizer(t, truncation=False, verbose=False)["input_ids"]) > max_tokens for t in texts)
+def long_captions(cells: Sequence[tuple[str, str | list[str]]], tokenizer, max_length: int,
+                  chunk: int = 1024) -> list[tuple[str, int]]:
+    """(label, token count) of every caption over `max_length` tokens, counted with `tokenizer`
+    as the text encoder will see it (with its start and end tokens)."""
+    flat = [(label, text) for label, cell in cells for text in ([cell] if isinstance(cell, str) else cell)]
+    long = []
+    for at in range(0, len(flat), chunk):
+        part = flat[at : at + chunk]
+        ids = tokenizer([text for _, text in part], truncation=False, verbose=False)["input_ids"]
+        long += [(label, len(x)) for (label, _), x in zip(part, ids) if len(x) > max_length]
+    return long
 
 
-# ------------------------------------------------------------------------------- data sets
-def dataset_rows(ds, image_column: str, caption_column: str, name: str) -> list[Row]:
-    """Rows of a `datasets.Dataset` (hub or local), images not decoded yet."""
-    from datasets import Image as ImageFeature
-
-    raw = ds.cast_column(image_column, ImageFeature(decode=False))
-    rows = []
-    for i, rec in enumerate(raw):
-        cell = rec[image_column] or {}
-        path = Path(cell["path"]) if not cell.get("bytes") and cell.get("path") else None
-        rows.append(Row(label=f"{name}[{i}]" + (f" ({cell.get('path')})" if cell.get("path") else ""),
-                        path=path, data=cell.get("bytes"), caption=rec[caption_column],
-                        problem=None if (path or cell.get("bytes")) else "missing file: no image data"))
-    return rows
+# ------------------------------------------------------------------------------- policy and output
+def validate_settings(on_bad_data: str, max_image_pixels: int) -> None:
+    """Refuse bad settings before the long pass, not after it."""
+    if on_bad_data not in BAD_DATA_POLICIES:
+        raise ValueError(f"on_bad_data must be one of {BAD_DATA_POLICIES}, got {on_bad_data!r}")
+    if max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be >= 1, got {max_image_pixels}")
 
 
-def to_dataset(kept: list[tuple[Row, dict]]):
-    """A `datasets.Dataset` of the kept rows: image (decoded lazily), text, image_hash, width, height.
-    Caption cells are all strings, or all lists when any row has several."""
-    from datasets import Dataset, Features, Image as ImageFeature, Sequence, Value
+def notes(report: Report) -> list[str]:
+    """One line per kind of remark that does not drop anything (never one per image)."""
+    lines = []
+    if report.long_captions:
+        label, n = report.long_captions[0]
+        lines.append(f"{len(report.long_captions)} captions are longer than {report.max_length} tokens and will "
+                     f"be truncated (e.g. {label}: {n} tokens)")
+    if report.same_content:
+        lines.append("{} images are byte-identical to an earlier one (kept; e.g. {} = {})".format(
+            len(report.same_content), *report.same_content[0]))
+    if report.unlisted:
+        lines.append(f"{len(report.unlisted)} images are in no metadata file and are not used "
+                     f"(e.g. {report.unlisted[0]})")
+    return lines
 
-    captions = [r.caption for r, _ in kept]
-    several = any(not isinstance(c, str) for c in captions)
-    if several:
-        captions = [[c] if isinstance(c, str) else list(c) for c in captions]
-    features = Features({"image": ImageFeature(), "text": Sequence(Value("string")) if several else Value("string"),
-                         "image_hash": Value("string"), "width": Value("int32"), "height": Value("int32")})
-    images = [{"path": str(r.path), "bytes": None} if r.path is not None else {"path": None, "bytes": r.data}
-              for r, _ in kept]
-    return Dataset.from_dict({"image": images, "text": captions, "image_hash": [i["sha256"] for _, i in kept],
-                              "width": [i["width"] for _, i in kept], "height": [i["height"] for _, i in kept]},
-                             features=features)
+
+def log_report(report: Report) -> None:
+    logger.info("data check of %s:\n%s", report.source, report.table())
+    for line in notes(report):
+        logger.warning(line)
+
+
+def apply_policy(report: Report, on_bad_data: str) -> None:
+    """skip: warn, naming the first bad items; fail: raise one ValueError naming them."""
+    if on_bad_data not in BAD_DATA_POLICIES:
+        raise ValueError(f"on_bad_data must be one of {BAD_DATA_POLICIES}, got {on_bad_data!r}")
+    if not report.problems:
+        return
+    counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.counts().items()))
+    if on_bad_data == "fail":
+        raise ValueError(f"{report.source}: {len(report.problems)} bad items of {report.total} ({counts}); "
+                         f"on_bad_data='fail':\n{report.problem_list()}")
+    logger.warning("skipping %d bad items of %d (%s):\n%s", len(report.problems), report.total, counts,
+                   report.problem_list())

@@ -1,11 +1,17 @@
 """Check a captioned image folder (or hub data set) before training.
 
-    python training/check_data.py --train_data_dir DIR [--report report.json]
+    python training/check_data.py --train_data_dir DIR [--on_bad_data skip|fail]
+                                  [--max_image_pixels N] [--report report.json]
 
-Opens every image once and prints a table: kept, skipped by reason (unreadable, truncated,
-unsupported mode, too many pixels, missing file, path outside the folder, missing / empty caption,
-duplicate) and captions longer than the tokenizer's limit. Exit code 0 when nothing is bad, 1 when
-something would be skipped (training with --on_bad_data skip would go on without it).
+Every image is opened and decoded once (`ldm.datacheck`, the same check training runs). Prints a
+table (kept; skipped by reason: unreadable, truncated, unsupported mode, too many pixels, missing
+file, path outside the folder, duplicate, bad metadata, missing / empty / bad caption; captions over
+the token limit; byte-identical images; images no metadata file lists) and every bad item by path.
+
+Exit status: 0 when nothing is bad; 1 when something is (training with --on_bad_data skip would
+go on without it, with fail it would stop: --on_bad_data fail prints that error); 2 when there is
+nothing to check (no such folder, no images, a broken metadata file). Long captions, identical
+images and unlisted images are reported but do not change the status.
 """
 
 from __future__ import annotations
@@ -14,45 +20,84 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # `python training/check_data.py` runs this as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm import datacheck
-from ldm.data import _hub_rows
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the epilog's paragraphs kept as written."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=_Help)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train_data_dir", help="image folder (metadata.jsonl / .csv, or sidecar .txt / .caption)")
+    source.add_argument("--dataset_name", help="HF hub data set (needs network)")
+    parser.add_argument("--image_column", default="image", help="image column of a hub data set")
+    parser.add_argument("--caption_column", default=datacheck.DEFAULT_CAPTION_COLUMN,
+                        help="caption column (metadata or hub data set); with no 'text' column, a lone "
+                             "caption / captions / prompt column is used")
+    parser.add_argument("--cache_dir", default=None, help="datasets cache for --dataset_name")
+    parser.add_argument("--on_bad_data", choices=datacheck.BAD_DATA_POLICIES, default="skip",
+                        help="skip: list every bad item; fail: print the error training would stop with")
+    parser.add_argument("--max_image_pixels", type=int, default=datacheck.DEFAULT_MAX_IMAGE_PIXELS,
+                        help="larger images are bad (decompression bombs)")
+    parser.add_argument("--max_length", type=int, default=77,
+                        help="token limit of the text encoder (CLIP tokenizer); 0: do not count")
+    parser.add_argument("--report", type=Path, help="write the full report to this JSON file")
+    return parser.parse_args(argv)
+
+
+def read_rows(args: argparse.Namespace) -> tuple[list[datacheck.Row], list[str], str]:
+    """(rows, unlisted images, source name) of the folder or hub data set the arguments name."""
+    if args.train_data_dir:
+        scan = datacheck.folder_rows(args.train_data_dir, args.caption_column)
+        return scan.rows, scan.unlisted, args.train_data_dir
+    from datasets import load_dataset
+
+    ds = load_dataset(args.dataset_name, cache_dir=args.cache_dir, split="train")
+    return datacheck.dataset_rows(ds, args.image_column, args.caption_column, args.dataset_name), [], args.dataset_name
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train_data_dir", help="image folder (metadata.jsonl / .csv or sidecar captions)")
-    source.add_argument("--dataset_name", help="HF hub data set (needs network)")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="text")
-    parser.add_argument("--max_image_pixels", type=int, default=89_478_485)
-    parser.add_argument("--max_length", type=int, default=77, help="token limit of the text encoder")
-    parser.add_argument("--report", help="write every problem to this JSON file")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    args = parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.INFO)  # progress on stderr
+    try:
+        datacheck.validate_settings(args.on_bad_data, args.max_image_pixels)
+        rows, unlisted, source = read_rows(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"error: {source}: no images found", file=sys.stderr)
+        return 2
+    tokenizer = None
+    if args.max_length:
+        from ldm.text import build_clip_tokenizer
 
-    if args.train_data_dir:
-        rows = datacheck.folder_rows(args.train_data_dir, args.caption_column)
-    else:
-        from datasets import load_dataset
-
-        ds = load_dataset(args.dataset_name, split="train")
-        rows = _hub_rows(ds, args.image_column, args.caption_column, args.dataset_name)
-    from ldm.text import build_clip_tokenizer
-
-    _, report = datacheck.check_rows(rows, max_pixels=args.max_image_pixels, on_bad_data="skip",
-                                     tokenizer=build_clip_tokenizer(args.max_length), max_tokens=args.max_length)
-    print(report.table())
-    for label, reason in report.problems:
-        print(f"{label}: {reason}")
+        tokenizer = build_clip_tokenizer(args.max_length)
+    _, report = datacheck.check_rows(rows, source=source, max_image_pixels=args.max_image_pixels,
+                                     tokenizer=tokenizer, max_length=args.max_length or None)
+    report = replace(report, unlisted=unlisted)
+    print(f"data check of {source}:\n{report.table()}")
+    for line in datacheck.notes(report):
+        print(f"note: {line}")
     if args.report:
-        Path(args.report).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        args.report.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"full report: {args.report}")
+    if args.on_bad_data == "fail":
+        try:
+            datacheck.apply_policy(report, "fail")
+        except ValueError as e:
+            print(e, file=sys.stderr)
+    elif report.problems:
+        print(f"bad items ({len(report.problems)}):\n{report.problem_list(limit=None)}")
     return 1 if report.problems else 0
 
 
