@@ -44,6 +44,10 @@ def load_captioned_dataset(*, train_data_dir: str | None, dataset_name: str | No
     """
     check = dict(on_bad_data=on_bad_data, max_image_pixels=max_image_pixels, tokenizer=tokenizer,
                  max_length=max_length)
+    # Images the check let through are decoded again for training: Pillow's own bomb limit
+    # (about 89 M pixels, an error at twice that) must not refuse what --max_image_pixels allows.
+    if max_image_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
     if train_data_dir:
         return checked_folder(train_data_dir, caption_column=caption_column, **check)
     if dataset_name:
