@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     jobs = [(name, flags, seed) for name, flags in recipes for seed in args.seeds]
-    pending, running, results = list(jobs), [], {}
+    # Earlier sweeps into the same folder are kept: the summary covers every recipe run there.
+    previous = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
+    pending, running, results = list(jobs), [], dict(previous.get("runs", {}))
+    flags_of = {name: f["flags"] for name, f in previous.get("summary", {}).items()}
+    flags_of.update(dict(recipes))
     while pending or running:
         while pending and len(running) < args.parallel:
             name, flags, seed = pending.pop(0)
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("\nrecipe            mean all   min all   colour   shape   position   seeds")
     summary = {}
-    for name, flags in recipes:
+    for name, flags in flags_of.items():
         rows = [r for r in results.values() if r["recipe"] == name and "all" in r]
         if not rows:
             continue
