@@ -448,6 +448,10 @@ out["syncs"] = syncs
 out["all"] = accelerator.gather(torch.tensor([len(out["epoch"])])).tolist()
 with open(sys.argv[1] + f"/rank{{accelerator.process_index}}.json", "w") as fh:
     json.dump(out, fh)
+# Leave together, and take the gloo group down before the interpreter exits (a rank exiting with
+# the group alive can abort: "terminate called without an active exception").
+accelerator.wait_for_everyone()
+accelerator.end_training()
 """
 
 
