@@ -156,6 +156,8 @@ def test_train_data_dir_is_a_file_raises(tmp_path):
     (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
     (["--max_train_steps", "0"], "max_train_steps"),
     (["--attention_backend", "flash"], "attention_backend"),
+    (["--train_dtype", "float16"], "train_dtype"),
+    (["--train_dtype", "float64", "--mixed_precision", "bf16"], "train_dtype float64"),
     (["--dataset_name", "x/y", "--train_data_dir", "."], "not both"),
 ])
 def test_invalid_values_raise(argv, match):

@@ -417,21 +417,19 @@ def test_two_processes_train_the_same_weights_as_one_and_resume_exactly(tmp_path
     """Global batch 8 as 1 x 8 and as 2 x 4 over 8 steps (48 images: the run crosses an epoch).
 
     Every random draw is keyed by (seed, step, sample index), so both runs see the same samples
-    at every step (each once per epoch) with the same noise, timesteps and caption dropout: the
-    losses agree within 1e-6 and the first step's gradients (Adam's moments) within 1e-6. The
-    weights then drift apart by float rounding only: Adam divides by sqrt(v), which magnifies the
-    rounding of near-cancelling bias gradients; the drift is checked against the same run on one
-    process with 4 x 2 gradient accumulation (the same maths summed in another order). Both runs
-    use one thread, since the thread count also changes the order of float sums. Finally a
+    at every step (each once per epoch) with the same noise, timesteps and caption dropout. The
+    runs are in float64 (`--train_dtype float64`), so that what is compared is the algorithm, not
+    the order of float sums: losses, the first step's Adam moments and the final weights agree
+    within 1e-6. In float32 the weights drift apart by rounding only (measured
+    2.1e-4 after 8 steps, as much as one process with 4 x 2 gradient accumulation differs by:
+    Adam divides by sqrt(v), which magnifies the rounding of near-cancelling gradients). Finally a
     2-process run resumed from its step-3 checkpoint equals the uninterrupted one exactly."""
     steps = ["--max_train_steps", "8", "--checkpointing_steps", "1", "--checkpoints_total_limit", "10",
              "--caption_dropout", "0.25", "--noise_offset", "0.05", "--input_perturbation", "0.1",
-             "--cpu_threads", "1"]
-    one, two, acc = tmp_path / "one", tmp_path / "two", tmp_path / "acc"
+             "--cpu_threads", "1", "--train_dtype", "float64"]
+    one, two = tmp_path / "one", tmp_path / "two"
     run(["--output_dir", str(one), *BASE, *steps])
     prune(one, keep=(1, 8))
-    run(["--output_dir", str(acc), *BASE, *steps, "--train_batch_size", "4", "--gradient_accumulation_steps", "2"])
-    prune(acc, keep=())
     launch2(["--output_dir", str(two), *BASE, *steps, "--train_batch_size", "4"])
     prune(two, keep=(1, 3, 8))
     t1, t2 = trace(one), trace(two)
@@ -441,12 +439,10 @@ def test_two_processes_train_the_same_weights_as_one_and_resume_exactly(tmp_path
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(t1, t2)) < 1e-6
     first = [ckpt.checkpoint_dir(folder, 1) for folder in (one, two)]
     assert max((a - b).abs().max().item() for a, b in zip(*map(adam_moments, first))) < 1e-6
-
-    def drift(a: Path, b: Path) -> float:
-        wa, wb = unet(a), unet(b)
-        return max((wa[k] - wb[k]).abs().max().item() for k in wa)
-
-    assert drift(one, two) <= 2 * drift(one, acc) + 1e-6, (drift(one, two), drift(one, acc))
+    final = [unet(one), unet(two)]
+    assert all(w.dtype == torch.float64 for w in final[0].values())
+    drift = max((final[0][k] - final[1][k]).abs().max().item() for k in final[0])
+    assert drift < 1e-6
     assert (two / "checkpoints" / "checkpoint-3" / "random_states_1.pkl").exists()  # every rank's RNG
 
     resumed = tmp_path / "resumed"

@@ -86,7 +86,13 @@ def main(argv: list[str] | None = None) -> Path:
                 accelerator.device, torch.get_num_threads(), accelerator.mixed_precision)
 
     # ---------------------------------------------------------------- 1. models
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # Frozen parts run in the mixed-precision dtype; without mixed precision everything trained
+    # and frozen is in --train_dtype (float64 only for numerical checks, e.g. 1 vs 2 processes).
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    train_dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.train_dtype]
+    if half is not None and train_dtype != torch.float32:
+        raise ValueError(f"--train_dtype {cfg.train_dtype} needs --mixed_precision no, got {accelerator.mixed_precision}")
+    weight_dtype = half or train_dtype
     set_seed(cfg.seed)  # same initial weights on every process
     pretrained_vae = cfg.pretrained_vae_name_or_path
     if pretrained_vae is None and not cfg.pretrained_model_name_or_path:
@@ -110,6 +116,9 @@ def main(argv: list[str] | None = None) -> Path:
         if train_te:
             text_encoder.to(dtype=weight_dtype)
             add_lora(text_encoder, cfg.lora_rank, cfg.lora_alpha)
+    if train_dtype != torch.float32:
+        unet.to(dtype=train_dtype)
+        text_encoder.to(dtype=train_dtype)
     unet.train()
     text_encoder.train(train_te)
     configure_attention([unet, vae], cfg.attention_backend, accelerator.device)
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
                                         prediction_type, train_te),
         "data": data_id, **({"lora": [cfg.lora_rank, cfg.lora_alpha]} if cfg.lora_rank else {}),
         **({"aspect_buckets": [cfg.aspect_buckets, cfg.bucket_no_upscale]} if cfg.aspect_buckets else {}),
+        **({"train_dtype": cfg.train_dtype} if cfg.train_dtype != "float32" else {}),
     }
     global_step = 0
     resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
@@ -294,7 +304,7 @@ def main(argv: list[str] | None = None) -> Path:
         n = cfg.num_validation_images
         gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts) * n)]
         try:
-            with torch.autocast(accelerator.device.type, enabled=weight_dtype != torch.float32, dtype=weight_dtype):
+            with torch.autocast(accelerator.device.type, enabled=half is not None, dtype=half):
                 images = pipe(cfg.validation_prompts, num_images_per_prompt=n, generator=gens,
                               num_inference_steps=cfg.validation_inference_steps,
                               guidance_scale=cfg.validation_guidance_scale, height=resolution, width=resolution,
@@ -341,22 +351,22 @@ def main(argv: list[str] | None = None) -> Path:
                         posterior = DiagonalGaussianDistribution(batch["moments"].to(accelerator.device))
                     else:
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
-                    latents = posterior.sample(generator=gens).float() * vae.config.scaling_factor
-                noise = offset_noise(randn(latents.shape, gens, latents.device), cfg.noise_offset, gens)
+                    latents = posterior.sample(generator=gens).to(train_dtype) * vae.config.scaling_factor
+                noise = offset_noise(randn(latents.shape, gens, latents.device, train_dtype), cfg.noise_offset, gens)
                 timesteps = categorical(timestep_probs, gens).to(latents.device)
                 a_t = gather(alpha_bar, timesteps)  # (B,)
                 noisy = add_noise(latents, perturb_noise(noise, cfg.input_perturbation, gens), a_t)  # x_t, DDPM eq. 4
                 captions = [pick_caption(cell, g) for cell, g in zip(batch["text"], gens)]
                 captions = drop_captions(captions, cfg.caption_dropout, generator=gens)
                 if text_cache is not None:
-                    context = text_cache.lookup(captions).to(accelerator.device)  # (B, L, D), encoded up front
+                    context = text_cache.lookup(captions).to(accelerator.device, weight_dtype)  # (B, L, D), encoded up front
                 else:
                     ids = tokenize(tokenizer, captions).to(accelerator.device)
                     with torch.set_grad_enabled(train_te):
                         context = encode_tokens(text_encoder, ids)  # (B, L, D)
                 pred = unet(noisy, timesteps, encoder_hidden_states=context, return_dict=False)[0]
                 target = training_target(prediction_type, latents, noise, a_t)
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+                loss = F.mse_loss(pred.to(train_dtype), target.to(train_dtype), reduction="none").mean(dim=(1, 2, 3))  # (B,)
                 if cfg.snr_gamma:
                     loss = loss * min_snr_weight(snr(a_t), cfg.snr_gamma, prediction_type)
                 loss = loss.mean()
