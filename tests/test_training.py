@@ -232,13 +232,30 @@ def test_tiny_model_overfits_one_batch():
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
 
 
-def test_8bit_adam_without_bitsandbytes_says_how_to_install():
+def test_adamw_is_fused_on_cpu_and_8bit_adam_says_how_to_install():
     import importlib.util
 
     from ldm.runtime import make_adamw
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert isinstance(make_adamw([{"params": params}], lr=1e-3), torch.optim.AdamW)
+    # fused on CPU, and the same updates as torch's per-tensor loop
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(5)]
+    runs = []
+    for build in (lambda ps: make_adamw([{"params": ps}], lr=1e-2, weight_decay=0.1),
+                  lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)):
+        ps = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = build(ps)
+        for step_grads in grads:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((opt, ps))
+    assert runs[0][0].defaults["fused"] and not runs[1][0].defaults["fused"]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     if importlib.util.find_spec("bitsandbytes") is not None:
         pytest.skip("bitsandbytes is installed")
     with pytest.raises(ImportError, match=r"\.\[bnb\]"):
