@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> Path:
                 count_parameters(unet) / 1e6, count_parameters(vae) / 1e6,
                 count_parameters(text_encoder) / 1e6, "trained" if train_te else "frozen", prediction_type)
     ema_models = {"unet": unet, "text_encoder": text_encoder} if train_te else {"unet": unet}
-    emas = {name: EMAModel(trainable_parameters(m), decay=cfg.ema_decay, use_ema_warmup=True,
-                             foreach=True)
+    emas = {name: EMAModel(trainable_parameters(m), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
             for name, m in ema_models.items()} if cfg.use_ema else {}
 
     # ---------------------------------------------------------------- 2. data
