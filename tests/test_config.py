@@ -27,7 +27,7 @@ def test_no_flags_gives_dataclass_defaults_with_the_presets_objective():
     expected = dataclasses.replace(
         TrainConfig(), snr_gamma=tiny.snr_gamma, timestep_bias_strategy=tiny.timestep_bias_strategy,
         timestep_bias_multiplier=tiny.timestep_bias_multiplier, timestep_bias_portion=tiny.timestep_bias_portion,
-        train_text_encoder=tiny.train_text_encoder)
+        train_text_encoder=tiny.train_text_encoder, text_encoder_lr=tiny.text_encoder_lr)
     assert resolve_train_config([]) == expected
 
 
@@ -40,11 +40,15 @@ def test_objective_comes_from_the_preset_unless_given(tmp_path):
     cfg = resolve_train_config(["--snr_gamma", "0", "--timestep_bias_strategy", "none"])
     assert cfg.snr_gamma is None and cfg.timestep_bias_strategy == "none"
     assert resolve_train_config(["--snr_gamma", "3"]).snr_gamma == 3.0
+    # the jointly trained text encoder learns 10x slower than the U-Net unless told otherwise
+    assert resolve_train_config([]).text_encoder_lr == 1e-4
+    assert resolve_train_config(["--text_encoder_lr", "1e-3"]).text_encoder_lr == 1e-3
     # a pretrained model gets the Stable Diffusion objective, not the tiny preset's
     folder = tmp_path / "sd"
     folder.mkdir()
     cfg = resolve_train_config(["--pretrained_model_name_or_path", str(folder)])
     assert (cfg.snr_gamma, cfg.timestep_bias_strategy, cfg.train_text_encoder) == (5.0, "none", None)
+    assert cfg.text_encoder_lr is None  # --train_text_encoder then uses --learning_rate
 
 
 def test_bad_timestep_bias_is_refused():
