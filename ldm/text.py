@@ -130,3 +130,21 @@ def write_bpe_files(tokenizer_dir: Path) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (tokenizer_dir / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
     (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def word_separation(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, a: str, b: str) -> dict[str, float]:
+    """How far apart the text encoder keeps two prompts that differ in words: L2 distance of the
+    last hidden states at the first differing token and at the end-of-text token after prompt `a`
+    (where CLIP's causal attention has seen every word), and the mean norm of a hidden state.
+    A word the encoder has learned to ignore shows ~0 at both."""
+    ids = tokenize(tokenizer, [a, b])
+    differ = (ids[0] != ids[1]).nonzero()
+    if len(differ) == 0:
+        raise ValueError(f"{a!r} and {b!r} tokenize alike")
+    first = int(differ[0])
+    eos = int((ids[0] == tokenizer.eos_token_id).nonzero()[0])
+    with torch.no_grad():
+        h = encode_tokens(text_encoder, ids).float()
+    gap = (h[0] - h[1]).norm(dim=-1)
+    return {"word": float(gap[first]), "end": float(gap[eos]), "norm": float(h.norm(dim=-1).mean()),
+            "before": float(gap[:first].max()) if first else 0.0}

@@ -47,3 +47,24 @@ def test_caption_dropout_rate_and_determinism():
     assert out == drop_captions(captions, 0.25, torch.Generator().manual_seed(0))
     assert drop_captions(captions[:50], 0.0, torch.Generator().manual_seed(0)) == captions[:50]
     assert captions[:4] == [f"caption {i}" for i in range(4)]  # the input list is unchanged
+
+
+def test_word_separation_sees_only_what_differs_and_a_merged_word_reads_zero():
+    from ldm.config import model_preset
+    from ldm.text import build_text_encoder, word_separation
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny").text
+    encoder, tok = build_text_encoder(cfg).eval(), build_clip_tokenizer(cfg.max_length)
+    top, bottom = "a red circle at the top", "a red circle at the bottom"
+    s = word_separation(encoder, tok, top, bottom)
+    assert s["before"] == 0.0  # causal attention: tokens before the differing word are unchanged
+    assert s["word"] > 0.1 * s["norm"] and s["end"] > 0.1 * s["norm"]  # a random encoder keeps them apart
+    # give "bottom" the embedding of "top": the encoder can no longer tell the prompts apart
+    emb = encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[tok.convert_tokens_to_ids("bottom</w>")] = emb[tok.convert_tokens_to_ids("top</w>")]
+    merged = word_separation(encoder, tok, top, bottom)
+    assert merged["word"] < 1e-5 and merged["end"] < 1e-5
+    with pytest.raises(ValueError, match="tokenize alike"):
+        word_separation(encoder, tok, top, top)
