@@ -27,20 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.diffusion import to_x0_and_eps  # noqa: E402
+from ldm.judge import layout_centroid  # noqa: E402
 from ldm.text import encode_tokens, tokenize, word_separation  # noqa: E402
 from pipelines import TextToImagePipeline  # noqa: E402
 
 DIRECTIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
-
-
-def layout_centroid(image: torch.Tensor) -> tuple[float, float]:
-    """(3, H, W) image in [-1, 1] -> centroid (x, y) in [0, 1] of its difference from the corner colour."""
-    _, h, w = image.shape
-    background = image[:, :2, :2].mean((1, 2))
-    mass = (image - background[:, None, None]).abs().sum(0)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=mass.dtype), torch.arange(w, dtype=mass.dtype), indexing="ij")
-    total = mass.sum().clamp_min(1e-8)
-    return float((mass * xs).sum() / total / (w - 1)), float((mass * ys).sum() / total / (h - 1))
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -135,6 +136,17 @@ class Judge:
             ious[name] = np.minimum(soft, ideal).sum() / np.maximum(soft, ideal).sum()
         shape = max(ious, key=ious.get)
         return Reading(color, shape, position)
+
+
+def layout_centroid(image: torch.Tensor) -> tuple[float, float]:
+    """(3, H, W) image in [-1, 1] -> centroid (x, y) in [0, 1] of its difference from the corner colour.
+    Soft (no threshold): for blurry images such as `benchmarks/word_probe.py`'s x0 predictions."""
+    _, h, w = image.shape
+    background = image[:, :2, :2].mean((1, 2))
+    mass = (image - background[:, None, None]).abs().sum(0)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=mass.dtype), torch.arange(w, dtype=mass.dtype), indexing="ij")
+    total = mass.sum().clamp_min(1e-8)
+    return float((mass * xs).sum() / total / (w - 1)), float((mass * ys).sum() / total / (h - 1))
 
 
 def default_judge() -> Judge:

@@ -53,19 +53,14 @@ def test_score_counts_each_attribute_and_all_three():
     assert result == {"color": 0.5, "shape": 0.5, "position": 0.75, "all": 0.25}
 
 
-def test_word_probe_centroid_finds_the_rendered_object():
-    import importlib.util
-    from pathlib import Path
-
+def test_layout_centroid_finds_the_rendered_object():
     import torch
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "word_probe.py"
-    spec = importlib.util.spec_from_file_location("word_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    from ldm.judge import layout_centroid
+
     for position, (fx, fy) in {"left": (0.27, 0.5), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}.items():
         img = render(Scene((Obj("red", "square", position, "large", 0.2),), "white"), 32)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-        cx, cy = probe.layout_centroid(x)
+        cx, cy = layout_centroid(x)
         # pixel centres: the rendered square's centre is at f * 32 - 0.5 of 31 pixel steps
         assert abs(cx - (fx * 32 - 0.5) / 31) < 0.02 and abs(cy - (fy * 32 - 0.5) / 31) < 0.02, position
