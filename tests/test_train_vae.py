@@ -55,3 +55,22 @@ def test_shipped_tiny_vae_reconstructs_and_gives_unit_variance_latents():
     assert z.shape == (64, 4, 16, 16)
     assert 0.8 < (z * vae.config.scaling_factor).std().item() < 1.25
     assert (recon - x).abs().mean().item() < 0.03  # mean L1 on [-1, 1] pixels
+
+
+def test_latent_contrast_finds_the_low_contrast_pair_of_the_shipped_vae(tmp_path):
+    """benchmarks/latent_contrast.py: one colour on its own background gives 0 (nothing to draw), and
+    on the shipped VAE yellow on white is the pair whose square and circle differ least (~3x less)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.latent_contrast import main, shape_contrast
+
+    vae = AutoencoderKL.from_pretrained(ASSETS / "tiny_vae").eval()
+    assert shape_contrast(vae, (245, 245, 245), (245, 245, 245), 32, 0.145) == (0.0, 0.0)
+
+    out = tmp_path / "contrast.json"
+    table = main(["--out", str(out)])
+    assert json.loads(out.read_text()) == table
+    white = {name: v["latent"] for name, v in table["white"].items()}
+    assert min(white, key=white.get) == "yellow"
+    others = [v for name, v in white.items() if name != "yellow"]
+    assert white["yellow"] * 2 < min(others)
+    assert table["gray"]["yellow"]["latent"] > 2 * white["yellow"]  # the same yellow on gray is fine
