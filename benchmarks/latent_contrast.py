@@ -18,20 +18,15 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.config import ASSETS  # noqa: E402
+from ldm.data import image_transform  # noqa: E402
 from ldm.synthetic import BACKGROUNDS, COLORS, Obj, Scene, render  # noqa: E402
 
 RGB = tuple[int, int, int]
-
-
-def to_tensor(image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
 @torch.no_grad()
@@ -41,6 +36,7 @@ def shape_contrast(vae, color: RGB, background: RGB, resolution: int, radius: fl
     VAE's scaling factor, as the diffusion model sees them."""
     images = [render(Scene((Obj("c", shape, "center", "small", radius),)), resolution,
                      palette={"c": color}, background=background) for shape in ("square", "circle")]
+    to_tensor = image_transform(resolution, center_crop=True, random_flip=False)  # as training encodes
     x = torch.stack([to_tensor(im) for im in images]).to(vae.device, vae.dtype)
     z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
     return float((z[0] - z[1]).pow(2).sum()), float((x[0] - x[1]).pow(2).sum())
