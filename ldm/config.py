@@ -485,6 +485,7 @@ class VAETrainConfig:
     learning_rate: float = _help("peak learning rate (cosine decay, 50-step warm-up)", default=2e-3)
     random_flip: bool = _help("random horizontal flips", default=True)
     mixed_precision: str | None = _help("no | fp16 | bf16", default=None)
+    cpu_threads: int | None = _help("torch threads per process on CPU (default: cores / processes)", default=None)
     seed: int = _help("seed", default=0)
     config: str | None = _help("YAML file of these same keys (flags given win)", default=None)
 

@@ -33,9 +33,12 @@ def test_vae_loss_against_the_formula():
 def test_short_vae_run_saves_a_diffusers_vae_with_its_scaling_factor(tmp_path):
     out = tmp_path / "vae"
     proc = subprocess.run([sys.executable, str(ROOT / "training" / "train_vae.py"), "--output_dir", str(out),
-                           "--max_train_steps", "3", "--builtin_num_images", "64", "--train_batch_size", "16"],
+                           "--max_train_steps", "3", "--builtin_num_images", "64", "--train_batch_size", "16",
+                           "--cpu_threads", "1"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "device: cpu (1 threads)" in proc.stderr  # --cpu_threads reaches torch
     info = json.loads((out / "vae_info.json").read_text())
     vae = AutoencoderKL.from_pretrained(out)
     assert vae.config.scaling_factor == pytest.approx(1.0 / info["latent_std"])

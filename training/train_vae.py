@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if accelerator.device.type == "cpu":
-        use_cpu_cores(accelerator.num_processes)
+        use_cpu_cores(accelerator.num_processes, cfg.cpu_threads)
+    logger.info("processes: %d, device: %s (%d threads), mixed precision: %s", accelerator.num_processes,
+                accelerator.device, torch.get_num_threads(), accelerator.mixed_precision)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
