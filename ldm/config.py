@@ -234,6 +234,9 @@ class TrainConfig:
         "weight of the biased timesteps against the others (default: the preset's)", default=None)
     timestep_bias_portion: float | None = _help(
         "fraction of the timesteps that is biased (default: the preset's)", default=None)
+    timestep_bias_end_multiplier: float | None = _help(
+        "move the multiplier linearly to this by the last step (1: uniform at the end; default: constant)",
+        default=None)
     noise_offset: float = _help("offset noise: add this x N(0,1) per sample and channel to the noise "
                                 "(Guttenberg 2023; ~0.05-0.1 lets SD fine-tunes reach very dark/bright images)",
                                 default=0.0)
@@ -456,6 +459,8 @@ def validate(cfg: TrainConfig) -> None:
     from ldm.diffusion import timestep_probabilities  # fail now, not after the models are built
 
     timestep_probabilities(1000, cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion)
+    if cfg.timestep_bias_end_multiplier is not None and cfg.timestep_bias_end_multiplier <= 0:
+        raise ValueError(f"--timestep_bias_end_multiplier must be > 0, got {cfg.timestep_bias_end_multiplier}")
     if cfg.attention_backend not in ("auto", "sdpa", "xformers"):
         raise ValueError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
 

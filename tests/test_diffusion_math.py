@@ -388,6 +388,21 @@ def test_timestep_bias_probabilities():
         timestep_probabilities(1000, "later", portion=0.0)
 
 
+def test_annealed_timestep_bias_multiplier():
+    from ldm.diffusion import annealed_multiplier
+
+    assert annealed_multiplier(5.0, None, 1234, 2400) == 5.0  # no end: constant
+    assert annealed_multiplier(5.0, 1.0, 0, 2400) == 5.0
+    assert annealed_multiplier(5.0, 1.0, 2399, 2400) == 1.0  # the last step is uniform
+    assert annealed_multiplier(5.0, 1.0, 1, 3) == pytest.approx(3.0)  # halfway
+    assert annealed_multiplier(1.0, 5.0, 100, 201) == pytest.approx(3.0)  # either direction
+    assert annealed_multiplier(5.0, 1.0, 0, 1) == 5.0  # one step: the start value
+    with pytest.raises(ValueError, match="timestep_bias_end_multiplier"):
+        from ldm.config import resolve_train_config
+
+        resolve_train_config(["--timestep_bias_end_multiplier", "0"])
+
+
 # ------------------------------------------------------------------------------- objective extras
 def test_zero_terminal_snr_rescale_matches_diffusers_and_algorithm():
     from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as theirs

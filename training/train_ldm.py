@@ -38,8 +38,8 @@ from ldm.buckets import BucketBatchSampler
 from ldm.cache import LatentCache, TextEmbeddingCache, latent_items
 from ldm.data import (BucketedImages, Indexed, bucket_sizes, collate, collate_latents, encode_dataset,
                       load_captioned_dataset, make_batch_transform, pick_caption)
-from ldm.diffusion import (add_noise, gather, min_snr_weight, offset_noise, perturb_noise, snr,
-                           timestep_probabilities, training_target)
+from ldm.diffusion import (add_noise, annealed_multiplier, gather, min_snr_weight, offset_noise, perturb_noise,
+                           snr, timestep_probabilities, training_target)
 from ldm.draws import categorical, randn, sample_generators
 from ldm.images import image_grid
 from ldm.lora import add_lora, save_lora, trainable_parameters
@@ -353,6 +353,11 @@ def main(argv: list[str] | None = None) -> Path:
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
                     latents = posterior.sample(generator=gens).to(train_dtype) * vae.config.scaling_factor
                 noise = offset_noise(randn(latents.shape, gens, latents.device, train_dtype), cfg.noise_offset, gens)
+                if cfg.timestep_bias_end_multiplier is not None:  # annealed bias: this step's weights
+                    timestep_probs = timestep_probabilities(
+                        num_timesteps, cfg.timestep_bias_strategy,
+                        annealed_multiplier(cfg.timestep_bias_multiplier, cfg.timestep_bias_end_multiplier,
+                                            global_step, cfg.max_train_steps), cfg.timestep_bias_portion).float()
                 timesteps = categorical(timestep_probs, gens).to(latents.device)
                 a_t = gather(alpha_bar, timesteps)  # (B,)
                 noisy = add_noise(latents, perturb_noise(noise, cfg.input_perturbation, gens), a_t)  # x_t, DDPM eq. 4
