@@ -90,6 +90,7 @@ class ObjectiveConfig:
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
+    timestep_bias_end_multiplier: float | None = None  # None: the multiplier stays constant
     train_text_encoder: bool | None = None  # None: train one built from scratch, freeze a pretrained one
     text_encoder_lr: float | None = None  # None: the U-Net's learning rate
 
@@ -150,6 +151,10 @@ def _tiny() -> ModelConfig:
         # Measured on held-out prompts (1,800 steps): min-SNR 5 + uniform timesteps: position 11%;
         # plain v-loss + 5x weight on the noisiest tenth (36% of the draws): position 100%;
         # 3x (25%): position 41%.
+        # The bias then anneals to uniform by the last step: layout is learned early, and the
+        # mid-noise draws where a square's corners are decided grow over the run. At 2,400 steps,
+        # seeds 1 / 4: 88.8% / 93.8% all three (constant 5x: 77.5% on seed 1; constant 3x: 86.2% /
+        # 71.2%; uniform throughout: shape 100% but position 58.8% on seed 1).
         # The text encoder is trained from scratch with the U-Net, but 10x slower. At the U-Net's
         # rate it learns, while the U-Net cannot use them yet, that the direction words change
         # nothing and merges them: on a failed run "at the top" and "at the bottom" were 4.2 apart
@@ -158,7 +163,7 @@ def _tiny() -> ModelConfig:
         # shape suffer. Held-out all-three on that seed: 22.5% (1e-3), 55.0% (frozen), 92.5% (1e-4).
         objective=ObjectiveConfig(snr_gamma=None, timestep_bias_strategy="later",
                                   timestep_bias_multiplier=5.0, timestep_bias_portion=0.1,
-                                  text_encoder_lr=1e-4),
+                                  timestep_bias_end_multiplier=1.0, text_encoder_lr=1e-4),
         pretrained_vae=str(ASSETS / "tiny_vae"),
     )
 
@@ -235,8 +240,8 @@ class TrainConfig:
     timestep_bias_portion: float | None = _help(
         "fraction of the timesteps that is biased (default: the preset's)", default=None)
     timestep_bias_end_multiplier: float | None = _help(
-        "move the multiplier linearly to this by the last step (1: uniform at the end; default: constant)",
-        default=None)
+        "move the multiplier linearly to this by the last step (1: uniform at the end; 0: constant; "
+        "default: the preset's)", default=None)
     noise_offset: float = _help("offset noise: add this x N(0,1) per sample and channel to the noise "
                                 "(Guttenberg 2023; ~0.05-0.1 lets SD fine-tunes reach very dark/bright images)",
                                 default=0.0)
@@ -408,6 +413,8 @@ def fill_objective(cfg: TrainConfig, objective: ObjectiveConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg, **values)
     if cfg.snr_gamma == 0:
         cfg = dataclasses.replace(cfg, snr_gamma=None)
+    if cfg.timestep_bias_end_multiplier == 0:
+        cfg = dataclasses.replace(cfg, timestep_bias_end_multiplier=None)
     return cfg
 
 
@@ -459,8 +466,9 @@ def validate(cfg: TrainConfig) -> None:
     from ldm.diffusion import timestep_probabilities  # fail now, not after the models are built
 
     timestep_probabilities(1000, cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion)
-    if cfg.timestep_bias_end_multiplier is not None and cfg.timestep_bias_end_multiplier <= 0:
-        raise ValueError(f"--timestep_bias_end_multiplier must be > 0, got {cfg.timestep_bias_end_multiplier}")
+    if cfg.timestep_bias_end_multiplier is not None and cfg.timestep_bias_end_multiplier < 0:
+        raise ValueError(f"--timestep_bias_end_multiplier must be >= 0 (0: constant), "
+                         f"got {cfg.timestep_bias_end_multiplier}")
     if cfg.attention_backend not in ("auto", "sdpa", "xformers"):
         raise ValueError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
 

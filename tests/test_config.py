@@ -27,6 +27,7 @@ def test_no_flags_gives_dataclass_defaults_with_the_presets_objective():
     expected = dataclasses.replace(
         TrainConfig(), snr_gamma=tiny.snr_gamma, timestep_bias_strategy=tiny.timestep_bias_strategy,
         timestep_bias_multiplier=tiny.timestep_bias_multiplier, timestep_bias_portion=tiny.timestep_bias_portion,
+        timestep_bias_end_multiplier=tiny.timestep_bias_end_multiplier,
         train_text_encoder=tiny.train_text_encoder, text_encoder_lr=tiny.text_encoder_lr)
     assert resolve_train_config([]) == expected
 
@@ -43,6 +44,10 @@ def test_objective_comes_from_the_preset_unless_given(tmp_path):
     # the jointly trained text encoder learns 10x slower than the U-Net unless told otherwise
     assert resolve_train_config([]).text_encoder_lr == 1e-4
     assert resolve_train_config(["--text_encoder_lr", "1e-3"]).text_encoder_lr == 1e-3
+    # the tiny preset anneals its timestep bias to uniform; 0 keeps the multiplier constant
+    assert resolve_train_config([]).timestep_bias_end_multiplier == 1.0
+    assert resolve_train_config(["--timestep_bias_end_multiplier", "0"]).timestep_bias_end_multiplier is None
+    assert resolve_train_config(["--pretrained_model_name_or_path", "x"]).timestep_bias_end_multiplier is None
     # a pretrained model gets the Stable Diffusion objective, not the tiny preset's
     folder = tmp_path / "sd"
     folder.mkdir()

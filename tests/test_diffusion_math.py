@@ -400,7 +400,7 @@ def test_annealed_timestep_bias_multiplier():
     with pytest.raises(ValueError, match="timestep_bias_end_multiplier"):
         from ldm.config import resolve_train_config
 
-        resolve_train_config(["--timestep_bias_end_multiplier", "0"])
+        resolve_train_config(["--timestep_bias_end_multiplier", "-1"])
 
 
 # ------------------------------------------------------------------------------- objective extras
