@@ -90,7 +90,7 @@ class ObjectiveConfig:
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
-    timestep_bias_end_multiplier: float | None = None  # None: the multiplier stays constant
+    timestep_bias_end_multiplier: float | None = None  # None or 0: the multiplier stays constant
     train_text_encoder: bool | None = None  # None: train one built from scratch, freeze a pretrained one
     text_encoder_lr: float | None = None  # None: the U-Net's learning rate
 
@@ -413,8 +413,6 @@ def fill_objective(cfg: TrainConfig, objective: ObjectiveConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg, **values)
     if cfg.snr_gamma == 0:
         cfg = dataclasses.replace(cfg, snr_gamma=None)
-    if cfg.timestep_bias_end_multiplier == 0:
-        cfg = dataclasses.replace(cfg, timestep_bias_end_multiplier=None)
     return cfg
 
 

@@ -46,7 +46,10 @@ def test_objective_comes_from_the_preset_unless_given(tmp_path):
     assert resolve_train_config(["--text_encoder_lr", "1e-3"]).text_encoder_lr == 1e-3
     # the tiny preset anneals its timestep bias to uniform; 0 keeps the multiplier constant
     assert resolve_train_config([]).timestep_bias_end_multiplier == 1.0
-    assert resolve_train_config(["--timestep_bias_end_multiplier", "0"]).timestep_bias_end_multiplier is None
+    constant = resolve_train_config(["--timestep_bias_end_multiplier", "0"])
+    assert constant.timestep_bias_end_multiplier == 0.0  # kept as 0, so a saved train_config.yaml stays constant
+    save_config(constant, tmp_path / "constant.yaml")
+    assert resolve_train_config(["--config", str(tmp_path / "constant.yaml")]).timestep_bias_end_multiplier == 0.0
     assert resolve_train_config(["--pretrained_model_name_or_path", "x"]).timestep_bias_end_multiplier is None
     # a pretrained model gets the Stable Diffusion objective, not the tiny preset's
     folder = tmp_path / "sd"

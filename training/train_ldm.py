@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> Path:
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
                     latents = posterior.sample(generator=gens).to(train_dtype) * vae.config.scaling_factor
                 noise = offset_noise(randn(latents.shape, gens, latents.device, train_dtype), cfg.noise_offset, gens)
-                if cfg.timestep_bias_end_multiplier is not None:  # annealed bias: this step's weights
+                if cfg.timestep_bias_end_multiplier:  # annealed bias (0 / None: constant): this step's weights
                     timestep_probs = timestep_probabilities(
                         num_timesteps, cfg.timestep_bias_strategy,
                         annealed_multiplier(cfg.timestep_bias_multiplier, cfg.timestep_bias_end_multiplier,
