@@ -44,8 +44,9 @@ def test_objective_comes_from_the_preset_unless_given(tmp_path):
     # the jointly trained text encoder learns 10x slower than the U-Net unless told otherwise
     assert resolve_train_config([]).text_encoder_lr == 1e-4
     assert resolve_train_config(["--text_encoder_lr", "1e-3"]).text_encoder_lr == 1e-3
-    # the tiny preset anneals its timestep bias to uniform; 0 keeps the multiplier constant
-    assert resolve_train_config([]).timestep_bias_end_multiplier == 1.0
+    # the timestep bias anneals only when asked; 0 keeps the multiplier constant
+    assert resolve_train_config([]).timestep_bias_end_multiplier is None
+    assert resolve_train_config(["--timestep_bias_end_multiplier", "1"]).timestep_bias_end_multiplier == 1.0
     constant = resolve_train_config(["--timestep_bias_end_multiplier", "0"])
     assert constant.timestep_bias_end_multiplier == 0.0  # kept as 0, so a saved train_config.yaml stays constant
     save_config(constant, tmp_path / "constant.yaml")
