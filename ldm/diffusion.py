@@ -182,9 +182,10 @@ def timestep_probabilities(num_timesteps: int, strategy: str = "none", multiplie
 
 def annealed_multiplier(start: float, end: float | None, step: int, total_steps: int) -> float:
     """The timestep-bias multiplier at optimizer step `step` of `total_steps`: `start` at step 0, moving
-    linearly to `end` at the last step (`end` None: `start` throughout). Annealing a "later" bias to 1
-    spends the start of a run on the noisiest timesteps (layout) and its end more evenly (detail)."""
-    if end is None or total_steps <= 1:
+    linearly to `end` at the last step (`end` None or 0, as `--timestep_bias_end_multiplier`: `start`
+    throughout). Annealing a "later" bias to 1 spends the start of a run on the noisiest timesteps
+    (layout) and its end more evenly (detail)."""
+    if not end or total_steps <= 1:
         return start
     frac = min(max(step / (total_steps - 1), 0.0), 1.0)
     return start + (end - start) * frac
