@@ -118,8 +118,26 @@ def _object(rng: random.Random, color: str, shape: str, position: str) -> Obj:
     return Obj(color, shape, position, size, rng.uniform(*SIZES[size]))
 
 
+def draw_composition(rng: random.Random, allowed: list[tuple[str, str, str]], position: str | None = None,
+                     avoid: tuple[str, str] | None = None) -> tuple[str, str, str]:
+    """One (colour, shape, position) from `allowed`: the position uniformly (unless given), then the
+    shape uniformly among those with an allowed colour there, then the colour among those allowed
+    (`avoid`: a (colour, shape) not to draw).
+
+    Drawing uniformly over the allowed triples instead lets the held-out holes tilt the shape mix
+    per position: three of the five coloured squares at the bottom are held out, so the bottom
+    showed circles 50% and squares 20% of the time, and models trained on that drew held-out
+    bottom squares as circles. Drawn this way every position shows every shape equally often."""
+    where = position if position is not None else rng.choice(sorted({c[2] for c in allowed}))
+    here = [c for c in allowed if c[2] == where and c[:2] != avoid]
+    if not here:
+        raise ValueError(f"no allowed composition at position {where!r}")
+    shape = rng.choice(sorted({c[1] for c in here}))
+    return rng.choice([c for c in here if c[1] == shape])
+
+
 def sample_scenes(n: int, seed: int, two_object_fraction: float = 0.25) -> list[Scene]:
-    """n training scenes; none contains a held-out composition."""
+    """n training scenes; none contains a held-out composition (see `draw_composition`)."""
     excluded = set(held_out_compositions())
     allowed = [c for c in all_compositions() if c not in excluded]
     rng = random.Random(seed)
@@ -127,13 +145,13 @@ def sample_scenes(n: int, seed: int, two_object_fraction: float = 0.25) -> list[
     for _ in range(n):
         if rng.random() < two_object_fraction:
             p1, p2 = rng.choice(PAIRS)
-            c1 = rng.choice([c for c in allowed if c[2] == p1])
-            c2 = rng.choice([c for c in allowed if c[2] == p2 and c[:2] != c1[:2]])
+            c1 = draw_composition(rng, allowed, p1)
+            c2 = draw_composition(rng, allowed, p2, avoid=c1[:2])
             objects = (_object(rng, *c1), _object(rng, *c2))
             if rng.random() < 0.5:
                 objects = objects[::-1]  # either may be named first
         else:
-            objects = (_object(rng, *rng.choice(allowed)),)
+            objects = (_object(rng, *draw_composition(rng, allowed)),)
         bg = rng.choices(list(BACKGROUNDS), weights=(0.6, 0.2, 0.2))[0]
         template = rng.randrange(len(SCENE_TEMPLATES))
         scenes.append(Scene(objects, bg, template, tuple(rng.randrange(8) for _ in objects)))

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from ldm.synthetic import (COLORS, POSITIONS, SHAPES, export_folder, held_out_compositions, make_examples,
-                           sample_scenes)
+from ldm.synthetic import (COLORS, POSITIONS, SHAPES, all_compositions, export_folder, held_out_compositions,
+                           make_examples, sample_scenes)
 
 
 def test_same_seed_same_data_other_seed_other_data():
@@ -30,6 +30,21 @@ def test_held_out_compositions_never_appear_in_training():
     assert {p for _, _, p in seen} == set(POSITIONS)
     two = [s for s in scenes if len(s.objects) == 2]
     assert 0.15 < len(two) / len(scenes) < 0.35
+
+
+def test_every_position_shows_every_shape_equally_often_despite_the_holes():
+    """Three of the five squares at the bottom are held out: uniform over the allowed triples
+    would draw bottom squares 20% of the time and bottom circles 50%."""
+    from collections import Counter
+
+    objects = [o for s in sample_scenes(6000, seed=0) for o in s.objects]
+    for position in POSITIONS:
+        shapes = Counter(o.shape for o in objects if o.position == position)
+        total = sum(shapes.values())
+        assert all(abs(shapes[s] / total - 1 / 3) < 0.04 for s in SHAPES), (position, shapes)
+    # and still every allowed composition is drawn
+    seen = {(o.color, o.shape, o.position) for o in objects}
+    assert seen == set(all_compositions()) - set(held_out_compositions())
 
 
 def test_captions_name_every_object():
