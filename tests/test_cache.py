@@ -8,7 +8,7 @@ import multiprocessing
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ldm.buckets import resize_and_crop, to_tensor
 from ldm.cache import (LatentCache, Preprocess, TextEmbeddingCache, content_hash, latent_items, unique_captions,
@@ -111,15 +111,17 @@ def test_invalidation_recomputes_only_what_changed(vae, images, tmp_path):
     assert (stats.misses, counter.images) == (1, 1)
 
     # (c) preprocessing of some items: crop box, size (a bucket), flip -> only those recomputed
+    # The flipped one must not be mirror-symmetric (a lone centred circle flips onto itself).
+    f = next(i for i in range(2, len(imgs)) if ImageOps.mirror(imgs[i]).tobytes() != imgs[i].tobytes())
     changed = list(items)
     changed[0] = (items[0][0], Preprocess((R, R), crop_box=(0, 0, 40, 40)))
     changed[1] = (items[1][0], Preprocess((32, 16), resize="cover"))
-    changed[5] = (items[5][0], Preprocess((R, R), flip=True))
+    changed[f] = (items[f][0], Preprocess((R, R), flip=True))
     stats, counter = fill(cache, changed, imgs)
     assert (stats.misses, stats.hits, counter.images) == (3, 9, 3)
     assert cache.read(*changed[1]).shape == (8, 8, 16)  # (2C, H/2, W/2) of a 32 x 16 input
-    flipped = cache.read(*changed[5])
-    assert not torch.equal(flipped, cache.read(*items[5]))
+    flipped = cache.read(*changed[f])
+    assert not torch.equal(flipped, cache.read(*items[f]))
 
     # (b) one VAE parameter nudged: every entry is new, and the identity differs
     nudged = copy.deepcopy(vae)
