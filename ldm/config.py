@@ -261,8 +261,8 @@ class TrainConfig:
     cache_in_memory: bool = _help("load the --cache_dir entries into memory (off: read each step, for data "
                                   "larger than RAM)", default=True)
     dataloader_num_workers: int = _help("data loader worker processes", default=0)
-    cpu_threads: int | None = _help("torch threads per process on CPU (default: cores / processes; "
-                                    "accelerate launch sets 1)", default=None)
+    cpu_threads: int | None = _help("torch threads per process on CPU (default: $LDM_CPU_THREADS, else "
+                                    "cores / processes on this machine)", default=None)
     # optimisation
     train_batch_size: int = _help("batch size per process", default=32)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
@@ -495,7 +495,8 @@ class VAETrainConfig:
     learning_rate: float = _help("peak learning rate (cosine decay, 50-step warm-up)", default=2e-3)
     random_flip: bool = _help("random horizontal flips", default=True)
     mixed_precision: str | None = _help("no | fp16 | bf16", default=None)
-    cpu_threads: int | None = _help("torch threads per process on CPU (default: cores / processes)", default=None)
+    cpu_threads: int | None = _help("torch threads per process on CPU (default: $LDM_CPU_THREADS, else "
+                                    "cores / processes on this machine)", default=None)
     seed: int = _help("seed", default=0)
     config: str | None = _help("YAML file of these same keys (flags given win)", default=None)
 

@@ -6,8 +6,22 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Under pytest-xdist every worker, and every training or sampling process a test starts, gets
+# its share of the cores: by default each would take all of them, and OpenMP threads that
+# outnumber the cores spin against each other (8 training steps: 6 s at 1 thread, 20 s at 2,
+# with the other core busy). Subprocesses inherit both variables (LDM_CPU_THREADS: the
+# training scripts' --cpu_threads default, ldm/runtime.py).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _SHARE = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", _SHARE)
+    os.environ.setdefault("LDM_CPU_THREADS", _SHARE)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -260,3 +260,25 @@ def test_adamw_is_fused_on_cpu_and_8bit_adam_says_how_to_install():
         pytest.skip("bitsandbytes is installed")
     with pytest.raises(ImportError, match=r"\.\[bnb\]"):
         make_adamw([{"params": params}], eight_bit=True, lr=1e-3)
+
+
+def test_cpu_threads_come_from_the_flag_then_the_environment_then_the_cores(monkeypatch):
+    from ldm.runtime import THREADS_ENV, use_cpu_cores
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(THREADS_ENV, "3")
+        assert use_cpu_cores(1, requested=2) == 2 == torch.get_num_threads()  # --cpu_threads wins
+        assert use_cpu_cores(1) == 3 == torch.get_num_threads()
+        monkeypatch.delenv(THREADS_ENV)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        monkeypatch.setattr(os, "cpu_count", lambda: 8)
+        assert use_cpu_cores(4) == 8  # LOCAL_WORLD_SIZE (processes on this machine) over num_processes
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert use_cpu_cores(4) == 2
+        for bad in ("0", "-1", "two"):
+            monkeypatch.setenv(THREADS_ENV, bad)
+            with pytest.raises(ValueError, match=f"{THREADS_ENV} must be a positive integer, got '{bad}'"):
+                use_cpu_cores(1)
+    finally:
+        torch.set_num_threads(before)
