@@ -30,9 +30,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
-    # The slow tests (training launches, 1-5 min each) first: xdist hands tests out in this order,
-    # so the long ones overlap instead of leaving one worker busy at the end.
-    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
