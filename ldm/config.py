@@ -304,7 +304,7 @@ class TrainConfig:
                                  "a small green triangle in the middle",
                                  "a yellow circle on the left and a purple square on the right"])
     validation_steps: int = _help("validation grid every N steps (0: only at the end)", default=500)
-    num_validation_images: int = _help("images per validation prompt", default=2)
+    num_validation_images: int = _help("images per validation prompt (0: no validation grids)", default=2)
     validation_inference_steps: int = _help("sampler steps for validation", default=25)
     validation_guidance_scale: float = _help("CFG scale for validation", default=4.0)
     sampler: str = _help("scheduler saved with the pipeline: ddpm | ddim | dpm++ | euler | ...",
@@ -460,6 +460,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("num_validation_images", "validation_steps", "checkpointing_steps", "eval_images_per_case"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     from ldm.diffusion import timestep_probabilities  # fail now, not after the models are built
 
     timestep_probabilities(1000, cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion)

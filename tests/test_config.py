@@ -168,6 +168,8 @@ def test_train_data_dir_is_a_file_raises(tmp_path):
     (["--train_batch_size", "0"], "train_batch_size"),
     (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
     (["--max_train_steps", "0"], "max_train_steps"),
+    (["--num_validation_images", "-1"], "num_validation_images must be >= 0"),
+    (["--checkpointing_steps", "-5"], "checkpointing_steps must be >= 0"),
     (["--attention_backend", "flash"], "attention_backend"),
     (["--train_dtype", "float16"], "train_dtype"),
     (["--train_dtype", "float64", "--mixed_precision", "bf16"], "train_dtype float64"),

@@ -191,9 +191,11 @@ def test_same_seed_same_weights_and_exact_resume(tmp_path):
 def test_seed_changes_the_run(tmp_path):
     launch(["--output_dir", str(tmp_path / "s0"), *FAST, "--max_train_steps", "1", "--checkpointing_steps", "0"])
     launch(["--output_dir", str(tmp_path / "s1"), *FAST, "--max_train_steps", "1", "--checkpointing_steps", "0",
-            "--seed", "1"])
+            "--seed", "1", "--num_validation_images", "0"])
     w0, w1 = weights(tmp_path / "s0"), weights(tmp_path / "s1")
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    assert [p.name for p in (tmp_path / "s0" / "samples").iterdir()] == ["step_000001.png"]
+    assert not (tmp_path / "s1" / "samples").exists()  # 0 validation images: no grids, no crash
 
 
 @pytest.mark.slow

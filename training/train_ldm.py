@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     def validate(step: int) -> None:
         """A grid of validation prompts with the EMA weights (rows: prompts)."""
-        if not accelerator.is_main_process or not cfg.validation_prompts:
+        if not accelerator.is_main_process or not cfg.validation_prompts or cfg.num_validation_images == 0:
             return
         for name, ema in emas.items():
             ema.store(trainable_parameters(ema_models[name]))
