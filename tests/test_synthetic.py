@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from ldm.synthetic import (COLORS, POSITIONS, SHAPES, all_compositions, export_folder, held_out_compositions,
-                           make_examples, sample_scenes)
+from ldm.synthetic import (BACKGROUND_WEIGHTS, BACKGROUNDS, COLORS, POSITIONS, SHAPES, all_compositions,
+                           export_folder, held_out_compositions, make_examples, sample_scenes)
 
 
 def test_same_seed_same_data_other_seed_other_data():
@@ -45,6 +45,20 @@ def test_every_position_shows_every_shape_equally_often_despite_the_holes():
     # and still every allowed composition is drawn
     seen = {(o.color, o.shape, o.position) for o in objects}
     assert seen == set(all_compositions()) - set(held_out_compositions())
+
+
+def test_backgrounds_are_drawn_with_their_weights_gray_most():
+    """Gray is the usual background (yellow on white is the least visible pair in the VAE's latents)."""
+    from collections import Counter
+
+    assert set(BACKGROUND_WEIGHTS) == set(BACKGROUNDS) and abs(sum(BACKGROUND_WEIGHTS.values()) - 1) < 1e-9
+    counts = Counter(s.background for s in sample_scenes(6000, seed=1))
+    for name, weight in BACKGROUND_WEIGHTS.items():
+        assert abs(counts[name] / 6000 - weight) < 0.03, counts
+    assert counts.most_common(1)[0][0] == "gray"
+    # a caption that names no background gets the same mix (the templates are drawn independently)
+    unnamed = Counter(s.background for s in sample_scenes(6000, seed=1) if "background" not in s.caption())
+    assert abs(unnamed["gray"] / sum(unnamed.values()) - BACKGROUND_WEIGHTS["gray"]) < 0.03
 
 
 def test_captions_name_every_object():
