@@ -51,12 +51,13 @@ def test_backgrounds_are_drawn_with_their_weights():
     from collections import Counter
 
     assert set(BACKGROUND_WEIGHTS) == set(BACKGROUNDS) and abs(sum(BACKGROUND_WEIGHTS.values()) - 1) < 1e-9
-    counts = Counter(s.background for s in sample_scenes(6000, seed=1))
+    scenes = sample_scenes(6000, seed=1)
+    counts = Counter(s.background for s in scenes)
     for name, weight in BACKGROUND_WEIGHTS.items():
         assert abs(counts[name] / 6000 - weight) < 0.03, counts
     assert counts.most_common(1)[0][0] == max(BACKGROUND_WEIGHTS, key=BACKGROUND_WEIGHTS.get)
     # a caption that names no background gets the same mix (the templates are drawn independently)
-    unnamed = Counter(s.background for s in sample_scenes(6000, seed=1) if "background" not in s.caption())
+    unnamed = Counter(s.background for s in scenes if "background" not in s.caption())
     assert all(abs(unnamed[k] / sum(unnamed.values()) - w) < 0.03 for k, w in BACKGROUND_WEIGHTS.items())
 
 
