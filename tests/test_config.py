@@ -28,7 +28,8 @@ def test_no_flags_gives_dataclass_defaults_with_the_presets_objective():
         TrainConfig(), snr_gamma=tiny.snr_gamma, timestep_bias_strategy=tiny.timestep_bias_strategy,
         timestep_bias_multiplier=tiny.timestep_bias_multiplier, timestep_bias_portion=tiny.timestep_bias_portion,
         timestep_bias_end_multiplier=tiny.timestep_bias_end_multiplier,
-        train_text_encoder=tiny.train_text_encoder, text_encoder_lr=tiny.text_encoder_lr)
+        train_text_encoder=tiny.train_text_encoder, text_encoder_lr=tiny.text_encoder_lr,
+        train_token_embedding=tiny.train_token_embedding)
     assert resolve_train_config([]) == expected
 
 
@@ -44,6 +45,9 @@ def test_objective_comes_from_the_preset_unless_given(tmp_path):
     # the jointly trained text encoder learns 10x slower than the U-Net unless told otherwise
     assert resolve_train_config([]).text_encoder_lr == 1e-4
     assert resolve_train_config(["--text_encoder_lr", "1e-3"]).text_encoder_lr == 1e-3
+    # ... and keeps its token embedding table as initialised unless told otherwise
+    assert resolve_train_config([]).train_token_embedding is False
+    assert resolve_train_config(["--train_token_embedding"]).train_token_embedding is True
     # the timestep bias anneals only when asked; 0 keeps the multiplier constant
     assert resolve_train_config([]).timestep_bias_end_multiplier is None
     assert resolve_train_config(["--timestep_bias_end_multiplier", "1"]).timestep_bias_end_multiplier == 1.0
@@ -58,6 +62,7 @@ def test_objective_comes_from_the_preset_unless_given(tmp_path):
     cfg = resolve_train_config(["--pretrained_model_name_or_path", str(folder)])
     assert (cfg.snr_gamma, cfg.timestep_bias_strategy, cfg.train_text_encoder) == (5.0, "none", None)
     assert cfg.text_encoder_lr is None  # --train_text_encoder then uses --learning_rate
+    assert cfg.train_token_embedding is True  # ... and trains all of the encoder
 
 
 def test_bad_timestep_bias_is_refused():
@@ -292,7 +297,7 @@ def test_save_model_config_writes_plain_yaml(tmp_path):
     save_config(model_preset("tiny"), path)
     data = yaml.safe_load(path.read_text())  # safe_load: no python tags such as !!python/tuple
     assert data["resolution"] == 32
-    assert data["unet"]["block_out_channels"] == [32, 64, 128, 128]
+    assert data["unet"]["block_out_channels"] == [32, 64, 128]
     assert data["noise"]["beta_schedule"] == "squaredcos_cap_v2"
     assert data["noise"]["prediction_type"] == "v_prediction"
 

@@ -189,13 +189,22 @@ def test_same_seed_same_weights_and_exact_resume(tmp_path):
 
 @pytest.mark.slow
 def test_seed_changes_the_run(tmp_path):
-    launch(["--output_dir", str(tmp_path / "s0"), *FAST, "--max_train_steps", "1", "--checkpointing_steps", "0"])
-    launch(["--output_dir", str(tmp_path / "s1"), *FAST, "--max_train_steps", "1", "--checkpointing_steps", "0",
-            "--seed", "1", "--num_validation_images", "0"])
+    """Another seed, other weights. Also: the tiny preset trains its text encoder but not the token
+    embedding table (it stays at its seeded initialisation), unless --train_token_embedding."""
+    one_step = ["--max_train_steps", "1", "--checkpointing_steps", "0", "--lr_warmup_steps", "0"]  # lr > 0 at step 1
+    launch(["--output_dir", str(tmp_path / "s0"), *FAST, *one_step])
+    launch(["--output_dir", str(tmp_path / "s1"), *FAST, *one_step, "--seed", "1", "--num_validation_images", "0",
+            "--train_token_embedding"])
     w0, w1 = weights(tmp_path / "s0"), weights(tmp_path / "s1")
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
     assert [p.name for p in (tmp_path / "s0" / "samples").iterdir()] == ["step_000001.png"]
     assert not (tmp_path / "s1" / "samples").exists()  # 0 validation images: no grids, no crash
+    table, other = "embeddings.token_embedding.weight", "final_layer_norm.weight"
+    for run, seed, trained in (("s0", 0, False), ("s1", 1, True)):
+        init = build_components(model_preset("tiny"), seed=seed).text_encoder.state_dict()
+        after = weights(tmp_path / run, "text_encoder")
+        assert torch.equal(after[table], init[table]) is not trained, run
+        assert not torch.equal(after[other], init[other]), run
 
 
 @pytest.mark.slow

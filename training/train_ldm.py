@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> Path:
     train_te = (not comps.text_encoder_pretrained) if cfg.train_text_encoder is None else cfg.train_text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(train_te)
+    if train_te and not cfg.train_token_embedding:
+        text_encoder.get_input_embeddings().requires_grad_(False)
     if cfg.lora_rank:  # adapters only (float32); the frozen base in the compute dtype
         unet.to(dtype=weight_dtype)
         add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
