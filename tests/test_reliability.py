@@ -86,6 +86,10 @@ def test_resuming_a_changed_run_is_refused_with_a_diff(tmp_path):
     proc = run(["--output_dir", str(out), *BASE, "--max_train_steps", "4", "--train_batch_size", "4",
                 "--builtin_num_images", "40", "--resume_from_checkpoint", "latest"], check=False)
     assert proc.returncode != 0 and "data: '48 examples" in proc.stderr
+    # so is training the token embedding table that the run kept frozen (other trainable weights)
+    proc = run(["--output_dir", str(out), *BASE, "--max_train_steps", "6", "--train_token_embedding",
+                "--resume_from_checkpoint", "latest"], check=False)
+    assert proc.returncode != 0 and "model: " in proc.stderr.split("refusing to resume")[-1]
 
 
 # ------------------------------------------------------------------------------- SIGTERM / SIGINT

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> Path:
     train_te = (not comps.text_encoder_pretrained) if cfg.train_text_encoder is None else cfg.train_text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(train_te)
-    if train_te and not cfg.train_token_embedding:
+    frozen_token_embedding = train_te and not cfg.train_token_embedding
+    if frozen_token_embedding:
         text_encoder.get_input_embeddings().requires_grad_(False)
     if cfg.lora_rank:  # adapters only (float32); the frozen base in the compute dtype
         unet.to(dtype=weight_dtype)
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> Path:
         "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps, "seed": cfg.seed,
         "objective": [cfg.snr_gamma, cfg.noise_offset, cfg.input_perturbation, noise_scheduler.config.rescale_betas_zero_snr],
         "model": ckpt.model_fingerprint(model_cfg, cfg.pretrained_model_name_or_path, pretrained_vae,
-                                        prediction_type, train_te),
+                                        prediction_type, train_te,
+                                        *(["token embedding frozen"] if frozen_token_embedding else [])),
         "data": data_id, **({"lora": [cfg.lora_rank, cfg.lora_alpha]} if cfg.lora_rank else {}),
         **({"aspect_buckets": [cfg.aspect_buckets, cfg.bucket_no_upscale]} if cfg.aspect_buckets else {}),
         **({"train_dtype": cfg.train_dtype} if cfg.train_dtype != "float32" else {}),
