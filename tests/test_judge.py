@@ -9,7 +9,7 @@ from PIL import Image
 
 from ldm.judge import NOTHING, Judge, Reading, default_judge
 from ldm.synthetic import BACKGROUNDS, SIZES, Obj, Scene, all_compositions, render
-from training.evaluate import Case, score
+from ldm.evaluation import Case, score
 
 
 def test_judge_reads_every_ground_truth_render():

@@ -14,79 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
-from ldm.images import image_grid
-from ldm.judge import Judge, default_judge
-from ldm.synthetic import eval_prompt, held_out_compositions
-
-ATTRIBUTES = ("color", "shape", "position")
-
-
-@dataclass(frozen=True)
-class Case:
-    prompt: str
-    color: str
-    shape: str
-    position: str
-
-
-def held_out_cases() -> list[Case]:
-    return [Case(eval_prompt(c, s, p), c, s, p) for c, s, p in held_out_compositions()]
-
-
-def score(readings: list, expected: list[Case]) -> dict[str, float]:
-    """Fraction of images whose reading matches the case, per attribute and all three at once."""
-    n = max(len(readings), 1)
-    result = {a: sum(getattr(r, a) == getattr(c, a) for r, c in zip(readings, expected)) / n for a in ATTRIBUTES}
-    result["all"] = sum(all(getattr(r, a) == getattr(c, a) for a in ATTRIBUTES)
-                        for r, c in zip(readings, expected)) / n
-    return result
-
-
-@torch.no_grad()
-def evaluate_pipeline(pipe, cases: list[Case], *, judge: Judge | None = None, images_per_case: int = 8,
-                      num_inference_steps: int = 25, guidance_scale: float = 4.0, seed: int = 0,
-                      batch_cases: int = 8) -> tuple[dict, list]:
-    """Generate `images_per_case` images per case (image k of every case uses seed + k, so runs
-    are comparable), read them, and score. Returns (report, images in case order)."""
-    judge = judge or default_judge()
-    images = []
-    for start in range(0, len(cases), batch_cases):
-        chunk = cases[start : start + batch_cases]
-        gens = [torch.Generator().manual_seed(seed + k) for _ in chunk for k in range(images_per_case)]
-        images += pipe([c.prompt for c in chunk], num_images_per_prompt=images_per_case, generator=gens,
-                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale).images
-    expected = [c for c in cases for _ in range(images_per_case)]
-    readings = [judge.read(im) for im in images]
-    per_case = []
-    for i, case in enumerate(cases):
-        part = slice(i * images_per_case, (i + 1) * images_per_case)
-        per_case.append({**asdict(case), **score(readings[part], expected[part]),
-                         "read": [asdict(r) for r in readings[part]]})
-    report = {**score(readings, expected), "images": len(images), "cases": per_case,
-              "settings": {"images_per_case": images_per_case, "num_inference_steps": num_inference_steps,
-                           "guidance_scale": guidance_scale, "seed": seed}}
-    return report, images
-
-
-def save_report(report: dict, images: list, out_dir: str | Path, images_per_case: int) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    image_grid(images, cols=images_per_case).save(out / "eval_grid.png")
-    return out / "eval.json"
-
-
-def summary(report: dict) -> str:
-    return (f"all attributes {report['all']:.1%} | colour {report['color']:.1%} | shape {report['shape']:.1%} | "
-            f"position {report['position']:.1%} ({report['images']} images)")
+from ldm.evaluation import Case, evaluate_pipeline, held_out_cases, save_report, summary
+from ldm.judge import Judge
 
 
 def main(argv: list[str] | None = None) -> dict:

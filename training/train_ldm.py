@@ -48,7 +48,7 @@ from ldm.runtime import GracefulStop, StopRequested, make_adamw, use_cpu_cores
 from ldm.schedulers import make_sampler, training_scheduler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from pipelines import TextToImagePipeline
-from training.evaluate import evaluate_pipeline, held_out_cases, save_report, summary
+from ldm.evaluation import evaluate_pipeline, held_out_cases, save_report, summary
 
 logger = get_logger("train_ldm")
 
