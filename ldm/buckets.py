@@ -8,7 +8,7 @@ skips the batches it already did and sees the same ones after.
     buckets = make_buckets(512, 64)                          # [(384, 640), ..., (640, 384)]
     bucket_of = [assign_bucket(w, h, buckets, 64) for w, h in sizes]
     sampler = BucketBatchSampler(bucket_of, 8, seed=0, num_replicas=W, rank=r)
-    sample = bucket_transform(img, bucket_of[i], "random", True, image_rng(seed, epoch, i))
+    pixels = to_tensor(resize_and_crop(img, bucket_of[i])[0])  # (3, h, w) in [-1, 1]
 
 Wiring into `accelerate` (the sampler is already sharded, so it must not be sharded again):
 see `BucketBatchSampler` and tests/test_buckets.py.
@@ -20,7 +20,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -141,42 +141,6 @@ def resize_and_crop(img: Image.Image, bucket: Size, rng: random.Random | None = 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float in [-1, 1]."""
     return TF.to_tensor(img) * 2 - 1
-
-
-class BucketSample(NamedTuple):
-    """One transformed image. The two coordinates are (y, x) pairs, as SDXL's micro-conditioning
-    (`add_time_ids` = original_size + crop_top_left + target_size) uses them."""
-
-    pixel_values: torch.Tensor  # (3, bh, bw) in [-1, 1]
-    crop_top_left: tuple[int, int]  # (top, left) of the crop in the scaled (and flipped) image
-    original_size: tuple[int, int]  # (height, width) of the input image
-
-
-def bucket_transform(img: Image.Image, bucket: Size, crop: Literal["center", "random"] = "center",
-                     flip: bool = False, rng: random.Random | None = None) -> BucketSample:
-    """An RGB image (see `ldm.data.to_rgb`) resized to cover `bucket`, cropped to it, and with
-    `flip` mirrored left-right with probability 1/2. The draws come from `rng` (needed when
-    crop="random" or flip): crop top, crop left, then flip. A flipped sample's crop_top_left is
-    measured in the flipped image (left = scaled width - right of the crop)."""
-    if img.mode != "RGB":
-        raise ValueError(f"expected an RGB image, got mode {img.mode!r} (convert with ldm.data.to_rgb)")
-    if crop not in ("center", "random"):
-        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-    if rng is None and (crop == "random" or flip):
-        raise ValueError("a random crop or flip needs an rng (e.g. image_rng(seed, epoch, index))")
-    plan = crop_plan(img.width, img.height, bucket, rng if crop == "random" else None)
-    out = img.resize(plan.resize, Image.Resampling.BICUBIC).crop(plan.box)
-    left, top, right, _ = plan.box
-    if flip and rng.random() < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = plan.resize[0] - right
-    return BucketSample(to_tensor(out), (top, left), (img.height, img.width))
-
-
-def image_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """One stream per (seed, epoch, image): crops and flips that do not depend on the number of
-    data-loader workers or processes, and repeat exactly on resume."""
-    return random.Random(f"{seed}/{epoch}/{index}")
 
 
 # ---------------------------------------------------------------- batches

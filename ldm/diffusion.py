@@ -5,12 +5,12 @@ Notation (Ho et al. 2020, "DDPM"; Salimans & Ho 2022, "Progressive Distillation"
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps                    (DDPM eq. 4)
     v_t = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0                    (PD sec. 4)
     SNR(t) = alpha_bar_t / (1 - alpha_bar_t)
-Nothing here holds state, picks a device, or changes an argument in place.
+The schedules themselves (betas, alpha_bar, the zero-terminal-SNR rescale) are diffusers'
+(`ldm.schedulers.training_scheduler`). Nothing here holds state, picks a device, or changes an
+argument in place.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -18,49 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-# ------------------------------------------------------------------------------- schedules
-def make_betas(schedule: str, num_timesteps: int, beta_start: float = 0.00085,
-               beta_end: float = 0.012) -> torch.Tensor:
-    """(T,) float64 betas, named as in diffusers' DDPMScheduler."""
-    if schedule == "linear":  # DDPM
-        return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
-    if schedule == "scaled_linear":  # LDM / Stable Diffusion: linear in sqrt(beta)
-        return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
-    if schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999
-        return betas_from_alpha_bar(cosine_alpha_bar, num_timesteps)
-    raise ValueError(f"unknown beta schedule {schedule!r}")
-
-
-def cosine_alpha_bar(t: float, s: float = 0.008) -> float:
-    """f(t) = cos^2(((t + s) / (1 + s)) * pi / 2) for t in [0, 1] (Nichol & Dhariwal eq. 17)."""
-    return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-
-
-def betas_from_alpha_bar(alpha_bar, num_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """beta_i = 1 - alpha_bar((i+1)/T) / alpha_bar(i/T), clipped (Nichol & Dhariwal eq. 18)."""
-    betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
-             for i in range(num_timesteps)]
-    return torch.tensor(betas, dtype=torch.float64)
-
-
-def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
-    """(T,) alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Betas whose last alpha_bar is exactly 0 (Lin et al. 2023, "Common Diffusion Noise Schedules
-    and Sample Steps are Flawed", Algorithm 1): shift and scale sqrt(alpha_bar) so that its last
-    value is 0 and its first is unchanged. Anything derived from the schedule (SNR, min-SNR
-    weights, v targets) must be computed from the rescaled alpha_bar, i.e. after this."""
-    sqrt_ab = alphas_cumprod(betas).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    ab = sqrt_ab**2
-    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
-    return 1 - alphas
-
-
+# ------------------------------------------------------------------------------- SNR
 def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) (Kingma et al. 2021)."""
     return alpha_bar / (1.0 - alpha_bar)

@@ -36,11 +36,6 @@ def randn(shape: Sequence[int], generators: list[torch.Generator], device: torch
     return randn_tensor(tuple(shape), generator=generators, device=torch.device(device), dtype=dtype)
 
 
-def uniform(generators: list[torch.Generator]) -> torch.Tensor:
-    """(B,) float64 in [0, 1), one draw per generator."""
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
-
-
 def categorical(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """(B,) long: one index per generator, drawn with probabilities `probs` (K,)."""
     probs = probs.detach().cpu()

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.buckets import (BucketBatchSampler, aspect_gap, assign_bucket, batches_per_replica, bucket_transform,
-                         crop_plan, epoch_batches, image_rng, make_buckets, resize_and_crop)
+from ldm.buckets import (BucketBatchSampler, aspect_gap, assign_bucket, batches_per_replica, crop_plan, epoch_batches,
+                         make_buckets, resize_and_crop, to_tensor)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,60 +163,24 @@ def gradient_image(w: int, h: int) -> Image.Image:
     return Image.fromarray(rgb.numpy(), "RGB")
 
 
-def test_bucket_transform_sizes_values_and_coordinates():
+def test_resize_and_crop_sizes_values_and_coordinates():
     img = gradient_image(300, 200)
-    out = bucket_transform(img, (192, 128))
-    assert out.pixel_values.shape == (3, 128, 192) and out.crop_top_left == (0, 0)
-    assert out.original_size == (200, 300)
-    white = bucket_transform(Image.new("RGB", (90, 50), (255, 255, 255)), (64, 48))
-    black = bucket_transform(Image.new("RGB", (90, 50), (0, 0, 0)), (64, 48))
-    assert torch.all(white.pixel_values == 1) and torch.all(black.pixel_values == -1)
+    out, top_left = resize_and_crop(img, (192, 128))  # same aspect: scaled, nothing cut
+    assert out.size == (192, 128) and top_left == (0, 0)
+    white = to_tensor(resize_and_crop(Image.new("RGB", (90, 50), (255, 255, 255)), (64, 48))[0])
+    black = to_tensor(resize_and_crop(Image.new("RGB", (90, 50), (0, 0, 0)), (64, 48))[0])
+    assert white.shape == (3, 48, 64) and torch.all(white == 1) and torch.all(black == -1)
     rng = random.Random(0)
     for _ in range(50):
         w, h = rng.randint(40, 400), rng.randint(40, 400)
         bucket = (rng.choice([32, 48, 64]), rng.choice([32, 48, 64]))
-        s = bucket_transform(gradient_image(w, h), bucket, "random", True, random.Random(rng.random()))
-        rw, rh = crop_plan(w, h, bucket).resize
-        assert s.pixel_values.shape == (3, bucket[1], bucket[0])
-        assert 0 <= s.crop_top_left[0] <= rh - bucket[1] and 0 <= s.crop_top_left[1] <= rw - bucket[0]
-        assert s.pixel_values.min() >= -1 and s.pixel_values.max() <= 1
-
-
-def test_bucket_transform_is_reproducible_and_flip_mirrors_the_crop():
-    img = gradient_image(400, 150)
-    a = bucket_transform(img, (96, 64), "random", True, image_rng(0, 3, 17))
-    b = bucket_transform(img, (96, 64), "random", True, image_rng(0, 3, 17))
-    assert torch.equal(a.pixel_values, b.pixel_values) and a.crop_top_left == b.crop_top_left
-    flips = 0
-    for seed in range(20):
-        s = bucket_transform(img, (96, 64), "random", True, random.Random(seed))
-        plan = crop_plan(400, 150, (96, 64), random.Random(seed))
-        scaled = img.resize(plan.resize, Image.Resampling.BICUBIC)
-        replay = random.Random(seed)  # the draws in order: crop top, crop left, flip
-        replay.randint(0, plan.resize[1] - 64), replay.randint(0, plan.resize[0] - 96)
-        if replay.random() < 0.5:  # flipped: the reported crop is read from the mirrored image
-            flips += 1
-            scaled = scaled.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        top, left = s.crop_top_left
-        expected = bucket_transform(scaled.crop((left, top, left + 96, top + 64)), (96, 64))
-        assert torch.equal(s.pixel_values, expected.pixel_values)
-    assert 0 < flips < 20
-    centred = bucket_transform(img, (96, 64), "center", False)
-    assert torch.equal(centred.pixel_values, bucket_transform(resize_and_crop(img, (96, 64))[0], (96, 64)).pixel_values)
-
-
-def test_bucket_transform_refuses_missing_rng_and_non_rgb():
-    with pytest.raises(ValueError, match="rng"):
-        bucket_transform(gradient_image(64, 64), (32, 32), "random")
-    with pytest.raises(ValueError, match="rng"):
-        bucket_transform(gradient_image(64, 64), (32, 32), flip=True)
-    with pytest.raises(ValueError, match="RGB"):
-        bucket_transform(Image.new("L", (64, 64)), (32, 32))
-
-
-def test_image_rng_is_a_function_of_seed_epoch_and_index():
-    assert image_rng(1, 2, 3).random() == image_rng(1, 2, 3).random()
-    assert len({image_rng(*k).random() for k in [(1, 2, 3), (1, 2, 4), (1, 3, 3), (2, 2, 3)]}) == 4
+        seed = rng.random()
+        crop, (top, left) = resize_and_crop(gradient_image(w, h), bucket, random.Random(seed))
+        plan = crop_plan(w, h, bucket, random.Random(seed))
+        assert crop.size == bucket and (left, top) == plan.box[:2]
+        # the crop is the box of the scaled image
+        scaled = gradient_image(w, h).resize(plan.resize, Image.Resampling.BICUBIC)
+        assert crop.tobytes() == scaled.crop(plan.box).tobytes()
 
 
 # ---------------------------------------------------------------- the batch sampler

@@ -6,15 +6,12 @@ v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho 2022). Every test runs on CPU i
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
 from ldm import diffusion as D
 
-SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 B0, B1 = 0.00085, 0.012  # Stable Diffusion's beta_start / beta_end
 F32 = dict(rtol=1e-5, atol=1e-6)  # float32 tolerance for comparisons against diffusers
 
@@ -36,103 +33,6 @@ def _pair(shape=(3, 4, 8, 8), seed: int = 0, dtype=torch.float32):
     return x0, eps
 
 
-# ------------------------------------------------------------------------------- schedules
-@pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("T", [10, 1000])
-def test_alphas_cumprod_matches_diffusers(schedule, T):
-    ours = D.alphas_cumprod(D.make_betas(schedule, T, B0, B1))
-    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule=schedule, beta_start=B0,
-                        beta_end=B1).alphas_cumprod
-    assert ours.shape == ref.shape == (T,)
-    torch.testing.assert_close(ours.float(), ref, **F32)
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_betas_match_diffusers(schedule):
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule, beta_start=B0,
-                        beta_end=B1).betas
-    torch.testing.assert_close(D.make_betas(schedule, 1000, B0, B1).float(), ref, **F32)
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_betas_are_float64_of_length_T(schedule):
-    betas = D.make_betas(schedule, 37)
-    assert betas.dtype == torch.float64 and betas.shape == (37,)
-
-
-def test_linear_betas_closed_form():
-    betas = D.make_betas("linear", 1000, B0, B1)
-    assert betas[0].item() == pytest.approx(B0, rel=1e-12)
-    assert betas[-1].item() == pytest.approx(B1, rel=1e-12)
-    torch.testing.assert_close(betas.diff(), torch.full((999,), (B1 - B0) / 999, dtype=torch.float64))
-
-
-def test_scaled_linear_betas_closed_form():
-    """beta_i = (sqrt(b0) + i/(T-1) (sqrt(b1) - sqrt(b0)))^2: endpoints b0, b1; sqrt(beta) linear."""
-    T = 1000
-    betas = D.make_betas("scaled_linear", T, B0, B1)
-    assert betas[0].item() == pytest.approx(B0, rel=1e-12)
-    assert betas[-1].item() == pytest.approx(B1, rel=1e-12)
-    step = (math.sqrt(B1) - math.sqrt(B0)) / (T - 1)
-    torch.testing.assert_close(betas.sqrt().diff(), torch.full((T - 1,), step, dtype=torch.float64))
-    i = torch.arange(T, dtype=torch.float64)
-    torch.testing.assert_close(betas, (math.sqrt(B0) + i * step) ** 2, rtol=1e-12, atol=0)
-    # not the plain linear schedule: betas sit below the chord from b0 to b1 in the middle
-    assert betas[T // 2].item() < D.make_betas("linear", T, B0, B1)[T // 2].item()
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_alphas_cumprod_strictly_decreasing_in_open_unit_interval(schedule):
-    a = D.alphas_cumprod(D.make_betas(schedule, 1000, B0, B1))
-    assert torch.all(a > 0) and torch.all(a < 1)
-    assert torch.all(a.diff() < 0)
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_alphas_cumprod_is_product_of_one_minus_betas(schedule):
-    betas = D.make_betas(schedule, 50)
-    a = D.alphas_cumprod(betas)
-    expected = torch.tensor([math.prod(1 - b for b in betas[: t + 1].tolist()) for t in range(50)],
-                            dtype=torch.float64)
-    torch.testing.assert_close(a, expected, rtol=1e-12, atol=1e-300)
-
-
-def test_cosine_alpha_bar_closed_form():
-    """f(t) = cos^2(((t + s)/(1 + s)) pi/2), s = 0.008 (Nichol & Dhariwal eq. 17)."""
-    s = 0.008
-    assert D.cosine_alpha_bar(0.0) == pytest.approx(math.cos(s / (1 + s) * math.pi / 2) ** 2, rel=1e-15)
-    assert D.cosine_alpha_bar(1.0) == pytest.approx(0.0, abs=1e-30)
-    assert D.cosine_alpha_bar(0.5) == pytest.approx(math.cos(0.508 / 1.008 * math.pi / 2) ** 2, rel=1e-15)
-
-
-@pytest.mark.parametrize("T", [10, 1000])
-def test_cosine_alpha_bar_telescopes_where_unclipped(T):
-    """prod_{i<=t} f((i+1)/T) / f(i/T) = f((t+1)/T) / f(0) for every t before the first clipped beta."""
-    betas = D.make_betas("squaredcos_cap_v2", T)
-    assert torch.all(betas <= 0.999) and betas[-1].item() == 0.999  # f(1) ~ 0, so the last is clipped
-    clipped = (betas == 0.999).nonzero()
-    first_clipped = int(clipped[0]) if len(clipped) else T
-    assert first_clipped > 0
-    a = D.alphas_cumprod(betas)
-    for t in range(first_clipped):
-        expected = D.cosine_alpha_bar((t + 1) / T) / D.cosine_alpha_bar(0.0)
-        assert a[t].item() == pytest.approx(expected, rel=1e-9, abs=1e-15), t
-
-
-def test_betas_from_alpha_bar_respects_max_beta():
-    betas = D.betas_from_alpha_bar(D.cosine_alpha_bar, 100, max_beta=0.5)
-    assert betas.max().item() == 0.5
-    unclipped = betas < 0.5
-    i = torch.arange(100)[unclipped].tolist()
-    expected = [1 - D.cosine_alpha_bar((k + 1) / 100) / D.cosine_alpha_bar(k / 100) for k in i]
-    torch.testing.assert_close(betas[unclipped], torch.tensor(expected, dtype=torch.float64))
-
-
-def test_unknown_schedule_raises():
-    with pytest.raises(ValueError, match="nope"):
-        D.make_betas("nope", 10)
-
-
 # ------------------------------------------------------------------------------- snr and gather
 def test_snr_formula():
     a = torch.tensor([0.5, 0.8, 0.2, 0.01, 0.99], dtype=torch.float64)
@@ -142,13 +42,19 @@ def test_snr_formula():
     torch.testing.assert_close(s / (1 + s), a)
 
 
+def _sd_alpha_bar() -> torch.Tensor:
+    """(1000,) float64 alpha_bar of Stable Diffusion's schedule, from diffusers."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=B0,
+                         beta_end=B1).alphas_cumprod.double()
+
+
 def test_snr_decreases_along_schedule():
-    a = D.alphas_cumprod(D.make_betas("scaled_linear", 1000))
+    a = _sd_alpha_bar()
     assert torch.all(D.snr(a).diff() < 0)
 
 
 def test_gather_shapes_and_values():
-    a = D.alphas_cumprod(D.make_betas("scaled_linear", 1000))
+    a = _sd_alpha_bar()
     t = torch.tensor([0, 999, 500, 500, 17])
     out = D.gather(a, t)
     assert out.shape == (5,)
@@ -168,7 +74,7 @@ def sd_scheduler():
 
 @pytest.fixture(scope="module")
 def sd_alpha_bar():
-    return D.alphas_cumprod(D.make_betas("scaled_linear", 1000, B0, B1))
+    return _sd_alpha_bar()
 
 
 TIMESTEPS = torch.tensor([0, 1, 250, 999])
@@ -317,11 +223,10 @@ def test_rescale_matches_diffusers(phi):
 def _calls():
     x0, eps = _pair()
     a = _random_alpha_bar(3)
-    alpha_bar = D.alphas_cumprod(D.make_betas("scaled_linear", 100))
+    alpha_bar = _sd_alpha_bar()
     t = torch.tensor([0, 50, 99])
     uncond, cond = _uncond_cond((3, 4, 8, 8))
     calls = [
-        ("alphas_cumprod", (D.make_betas("linear", 100),)),
         ("snr", (a,)),
         ("gather", (alpha_bar, t)),
         ("add_noise", (x0, eps, a)),
@@ -404,22 +309,6 @@ def test_annealed_timestep_bias_multiplier():
 
 
 # ------------------------------------------------------------------------------- objective extras
-def test_zero_terminal_snr_rescale_matches_diffusers_and_algorithm():
-    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as theirs
-
-    from ldm.diffusion import alphas_cumprod, make_betas, rescale_zero_terminal_snr
-
-    betas = make_betas("scaled_linear", 1000)
-    rescaled = rescale_zero_terminal_snr(betas)
-    torch.testing.assert_close(rescaled, theirs(betas), rtol=0, atol=1e-12)
-    before, after = alphas_cumprod(betas).sqrt(), alphas_cumprod(rescaled).sqrt()
-    assert after[-1].item() == 0.0  # SNR(T) = 0
-    torch.testing.assert_close(after[0], before[0])  # first step unchanged
-    # Algorithm 1 is an affine map of sqrt(alpha_bar): check it at a middle timestep
-    expected = (before[500] - before[-1]) * before[0] / (before[0] - before[-1])
-    torch.testing.assert_close(after[500], expected)
-
-
 def test_snr_weights_are_computed_after_the_zero_terminal_snr_rescale():
     """The order kohya-ss/sd-scripts#1263 gets wrong: the alpha_bar the loop trains on (and takes
     SNR weights from) must be the rescaled one."""

@@ -2,19 +2,19 @@
 
 import torch
 
-from ldm.draws import categorical, randn, sample_generators, sample_seed, uniform
+from ldm.draws import categorical, randn, sample_generators, sample_seed
 from ldm.text import drop_captions
 
 
 def draws(seed, step, indices):
     gens = sample_generators(seed, step, indices)
-    return randn((len(indices), 4, 3, 3), gens), categorical(torch.tensor([0.2, 0.3, 0.5]), gens), uniform(gens)
+    return randn((len(indices), 4, 3, 3), gens), categorical(torch.tensor([0.2, 0.3, 0.5]), gens)
 
 
 def test_a_sample_draws_the_same_in_any_batch():
     whole = draws(0, 7, [5, 9, 2, 11])
     halves = [draws(0, 7, [5, 9]), draws(0, 7, [2, 11])]
-    for k in range(3):
+    for k in range(2):
         torch.testing.assert_close(torch.cat([h[k] for h in halves]), whole[k], rtol=0, atol=0)
     alone = draws(0, 7, [2])
     torch.testing.assert_close(alone[0][0], whole[0][2], rtol=0, atol=0)
