@@ -53,6 +53,7 @@ from safetensors.torch import load, save_file
 
 from ldm.buckets import resize_and_crop, to_tensor
 from ldm.data import CachedLatents, image_transform, to_rgb
+from ldm.models import vae_scale_factor
 from ldm.text import encode_tokens, tokenize
 
 logger = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ class LatentCache:
         self.settings = dict(settings or {})
         self.store = EntryStore(Path(cache_dir) / "latents", "moments")
         self.channels = 2 * vae.config.latent_channels  # mean and logvar
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.factor = vae_scale_factor(vae.config)
 
     def key(self, image_hash: str, spec: Preprocess) -> str:
         return digest({"format": FORMAT, "kind": "vae_moments", "image": image_hash, "vae": self.model_id,

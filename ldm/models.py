@@ -70,6 +70,18 @@ def build_vae(cfg: VAEConfig, sample_size: int) -> AutoencoderKL:
     )
 
 
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent pixel along a side for a diffusers `AutoencoderKL` config (or a
+    `VAEConfig`): every block but the last halves the size, 2 ** (len(block_out_channels) - 1)."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def image_size_divisor(vae_config, unet_config) -> int:
+    """What an image's sides must be multiples of to come out even through the VAE's and then the
+    U-Net's downsampling (the U-Net also halves at every block but the last)."""
+    return vae_scale_factor(vae_config) * 2 ** (len(unet_config.block_out_channels) - 1)
+
+
 def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
     """The training-time forward process. Its config is what every sampler is built from."""
     scheduler = DDPMScheduler(
@@ -205,7 +217,7 @@ def components_for_training(cfg: ModelConfig, *, pretrained: str | None, pretrai
                 f"VAE at {pretrained_vae} has {comps.vae.config.latent_channels} latent channels, "
                 f"the U-Net expects {expected}")
         if not pretrained:  # the U-Net's latent size follows the VAE's real downsampling factor
-            factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+            factor = vae_scale_factor(comps.vae.config)
             torch.manual_seed(seed)
             comps.unet = build_unet(cfg.unet, in_channels=expected, sample_size=cfg.resolution // factor,
                                     cross_attention_dim=cfg.text.hidden_size)

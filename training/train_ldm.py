@@ -43,7 +43,7 @@ from ldm.diffusion import (add_noise, annealed_multiplier, gather, min_snr_weigh
 from ldm.draws import categorical, randn, sample_generators
 from ldm.images import image_grid
 from ldm.lora import add_lora, save_lora, trainable_parameters
-from ldm.models import components_for_training, count_parameters, with_resolution
+from ldm.models import components_for_training, count_parameters, image_size_divisor, with_resolution
 from ldm.runtime import GracefulStop, StopRequested, make_adamw, use_cpu_cores
 from ldm.schedulers import make_sampler, training_scheduler
 from ldm.text import drop_captions, encode_tokens, tokenize
@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
     data_id = ckpt.data_fingerprint(dataset)
     buckets = None  # with --aspect_buckets: each image's (width, height), batches of one bucket
     if cfg.aspect_buckets:  # sides divisible by the VAE's and the U-Net's downsampling
-        divisor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
-        buckets = bucket_sizes(dataset, resolution, divisor, cfg.bucket_no_upscale)
+        buckets = bucket_sizes(dataset, resolution, image_size_divisor(vae.config, unet.config), cfg.bucket_no_upscale)
         logger.info("aspect buckets (width x height: images): %s", dict(Counter(f"{w}x{h}" for w, h in buckets)))
     cells, text_cache = list(dataset["text"]), None  # caption cells, before latents replace the images
     procs = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
