@@ -1,5 +1,6 @@
-"""Every command and code block of README.md runs (training commands shortened with flags
-appended, which win over earlier ones; GPU-only launches are checked only for being listed)."""
+"""Every command and code block of README.md and docs/*.md runs (training commands shortened with
+flags appended, which win over earlier ones; GPU-only launches are checked only for being listed).
+A command that appears in several files runs once, where it first appears (README, then docs/ by name)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+TEXTS = {"README.md": README, **{f"docs/{p.name}": p.read_text() for p in DOCS}}
 BIN = Path(sys.executable).parent
 SHORT = ["--max_train_steps", "3", "--train_batch_size", "4", "--builtin_num_images", "24",
          "--checkpointing_steps", "3", "--validation_steps", "0", "--validation_inference_steps", "2",
@@ -30,18 +33,21 @@ STAND_INS = {
 SELF = ('pip install -e ".[dev]" && pytest', "pytest", 'pytest -m "not slow"')
 
 
-def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+def blocks(lang: str, text: str | None = None) -> list[str]:
+    """The `lang` code blocks of one text, or of README and docs/ in order without repeats."""
+    texts = [text] if text is not None else list(TEXTS.values())
+    found = [b for t in texts for b in re.findall(rf"```{lang}\n(.*?)```", t, flags=re.S)]
+    return list(dict.fromkeys(found))
 
 
-def commands() -> list[str]:
+def commands(text: str | None = None) -> list[str]:
     out = []
-    for block in blocks("bash"):
+    for block in blocks("bash", text):
         for line in block.splitlines():
             line = line.split(" #")[0].strip()
             if line and not line.startswith("#"):
                 out.append(line)
-    return out
+    return list(dict.fromkeys(out))
 
 
 def needs_gpus(cmd: str) -> bool:
@@ -49,11 +55,11 @@ def needs_gpus(cmd: str) -> bool:
 
 
 def test_readme_lists_the_quick_start_and_launches():
-    cmds = commands()
+    cmds = commands(README)
     assert cmds[0] == ('pip install -e ".[dev]" && accelerate launch --config_file accelerate_config.yaml '
                        "training/train_ldm.py")
     assert cmds[1] == 'pip install -e ".[dev]" && pytest'
-    assert sum(needs_gpus(c) for c in cmds) == 2  # multi-GPU and multi-node, not runnable here
+    assert sum(needs_gpus(c) for c in commands()) == 2  # multi-GPU and multi-node, not runnable here
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -e ".[dev]"' in ci and "\npytest\n" in ci
 
@@ -106,7 +112,7 @@ def test_every_readme_command_runs(workdir):
             if "ACCELERATE_USE_CPU=true" in cmd:
                 cmd += " --train_batch_size 2"
         else:
-            raise AssertionError(f"README command with no test: {cmd}")
+            raise AssertionError(f"README / docs command with no test: {cmd}")
         proc = run(cmd, workdir)
         ran += 1
         if "--resume_from_checkpoint" in cmd:
@@ -122,24 +128,36 @@ def test_every_readme_command_runs(workdir):
 
 
 def test_readme_python_blocks_run(tiny_pipeline_dir, tmp_path):
-    code, lora_code = blocks("python")
-    (tmp_path / "outputs").mkdir()
-    shutil.copytree(tiny_pipeline_dir, tmp_path / "outputs" / "ldm")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (tmp_path / "red_circle.png").exists()
-    assert (tmp_path / "outputs" / "ldm-copy" / "model_index.json").exists()
-    assert len(proc.stdout.splitlines()) == 10  # the callback printed once per step
-
-    # the LoRA block, on an adapter file written the way training writes it
+    """Every python block, in a folder holding the quick start's model and a LoRA trained on it."""
     from ldm.lora import add_lora, save_lora
     from pipelines import TextToImagePipeline
 
+    (tmp_path / "outputs").mkdir()
+    shutil.copytree(tiny_pipeline_dir, tmp_path / "outputs" / "ldm")
     pipe = TextToImagePipeline.from_pretrained(tiny_pipeline_dir)
-    add_lora(pipe.unet, rank=4)
+    add_lora(pipe.unet, rank=4)  # an adapter file written the way training writes it
     save_lora(tmp_path / "outputs" / "ldm-lora", pipe.unet)
-    proc = subprocess.run([sys.executable, "-c", lora_code], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    codes = blocks("python")
+    assert len(codes) == 2 and "callback_on_step_end" in codes[0] and "load_lora_weights" in codes[1]
+    for code in codes:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        if code is codes[0]:
+            assert len(proc.stdout.splitlines()) == 10  # the callback printed once per step
+    assert (tmp_path / "red_circle.png").exists()
+    assert (tmp_path / "outputs" / "ldm-copy" / "model_index.json").exists()
     assert (tmp_path / "red_circle_lora.png").exists()
+
+
+def test_readme_is_short_and_links_every_guide():
+    assert len(README.splitlines()) <= 250
+    linked = set(re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)", README))
+    assert {f"docs/{p.name}" for p in DOCS} | {"benchmarks/results/README.md"} <= linked
+
+
+def test_relative_links_resolve():
+    files = {**TEXTS, "benchmarks/results/README.md": (ROOT / "benchmarks/results/README.md").read_text()}
+    for name, text in files.items():
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert ((ROOT / name).parent / target).resolve().exists(), f"{name}: broken link {target}"
