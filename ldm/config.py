@@ -123,10 +123,9 @@ def _tiny() -> ModelConfig:
     over all 16 cells, zero padding marking the borders) sees the whole layout, and attends to
     the text at 8x8 and 4x4 (attention at 16x16 doubled the step time). An attention-pooled text
     embedding is also added to the time embedding (global attributes such as colour).
-    Measured 2026-12-02, one machine, 2,400 steps, held-out all three: a fourth level (to 2x2,
-    channels (32, 64, 128, 128), the preset until then) was 11% slower a step and scored 67.5%
-    against 77.5% (seed 1, one thread); without text attention at 8x8: 52.5% (shape 60.0%), since
-    square or round is decided there.
+    A fourth level (to 2x2) cost more per step and scored lower; dropping the text attention at
+    8x8, where square or round is decided, lost shape. The measurements behind this preset are in
+    benchmarks/results/README.md.
     """
     return ModelConfig(
         resolution=32,
@@ -148,7 +147,7 @@ def _tiny() -> ModelConfig:
         ),
         # Flat-coloured 32 px images leak their layout through SD's scaled_linear schedule
         # (alpha_bar_T = 0.0047): a model trained on it reads position from the leaked signal
-        # and ignores the words (measured: position 11% on held-out prompts). The cosine
+        # and ignores the words (position was not learned on held-out prompts). The cosine
         # schedule ends at ~zero SNR; v-prediction stays well-posed there (Salimans & Ho 2022),
         # and trailing spacing makes sampling start from t = T.
         noise=NoiseConfig(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
@@ -156,22 +155,16 @@ def _tiny() -> ModelConfig:
         # Where an object is stays readable from x_t down to SNR ~0.01 (it is large and flat), so
         # only the noisiest few percent of timesteps need the position words; min-SNR weighting
         # gives those a weight of ~SNR, i.e. nothing, and uniform sampling visits them rarely.
-        # Measured on held-out prompts (1,800 steps): min-SNR 5 + uniform timesteps: position 11%;
-        # plain v-loss + 5x weight on the noisiest tenth (36% of the draws): position 100%;
-        # 3x (25%): position 41%.
-        # Annealing the bias to uniform by the last step (--timestep_bias_end_multiplier 1) was
-        # tried, 2,400 steps: seeds 1 / 4: 88.8% / 93.8% all three, but the quick-start command
-        # (seed 0): 60.0% against 77.5% at a constant 5x, so the bias stays constant.
+        # Hence the plain v-loss with 5x weight on the noisiest tenth (36% of the draws); 3x, or
+        # annealing it to uniform (--timestep_bias_end_multiplier 1), did no better across seeds.
         # The text encoder is trained from scratch with the U-Net, but 10x slower. At the U-Net's
         # rate it learns, while the U-Net cannot use them yet, that the direction words change
-        # nothing and merges them: on a failed run "at the top" and "at the bottom" were 4.2 apart
-        # (L2, last hidden state at the word) at initialisation, 1.0 at step 1,500, and all four
-        # directions then drew the same layout. Frozen (random) keeps them apart but colour and
-        # shape suffer. Held-out all-three on that seed: 22.5% (1e-3), 55.0% (frozen), 92.5% (1e-4).
+        # nothing and merges them (benchmarks/word_probe.py shows it), and all directions then
+        # draw one layout. Frozen (random) keeps them apart but colour and shape suffer.
         # Its token embedding table (49,408 x 64: 3.2M of its 3.3M weights) stays as initialised:
         # a random vector per word is already distinct, the layers above learn what it means, and
-        # the dense gradient, AdamW and EMA over the table cost 6% of a step (measured 2026-12-02;
-        # 4-level U-Net, seed 1: 66.2% frozen, 67.5% trained).
+        # the dense gradient, AdamW and EMA over the table cost a noticeable part of a step.
+        # Figures for each of these choices: benchmarks/results/README.md.
         objective=ObjectiveConfig(snr_gamma=None, timestep_bias_strategy="later",
                                   timestep_bias_multiplier=5.0, timestep_bias_portion=0.1,
                                   text_encoder_lr=1e-4, train_token_embedding=False),
@@ -520,6 +513,8 @@ class VAETrainConfig:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write a dataclass (TrainConfig or ModelConfig) as YAML that `--config` reads back."""
+    """Write a config dataclass as YAML. A run's own config (train_config.yaml, train_vae_config.yaml)
+    reads back with its script's `--config`; model_config.yaml only records the resolved
+    architecture (its keys are not flags, so `--config` refuses it)."""
     data = dataclasses.asdict(cfg)
     Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False))
