@@ -20,8 +20,8 @@ def use_cpu_cores(num_processes: int, requested: int | None = None) -> int:
     OMP_NUM_THREADS=1 unless its config says `use_cpu`, which would leave cores idle, so that
     variable is not read; `requested` (--cpu_threads), else $LDM_CPU_THREADS, else
     cores / processes on this machine. Set LDM_CPU_THREADS where other jobs share the cores:
-    OpenMP threads that outnumber the free cores spin against each other (measured on 2 cores
-    with the other one busy: 8 tiny-preset steps took 6 s at 1 thread, 20 s at 2)."""
+    OpenMP threads that outnumber the free cores spin against each other and can make a run
+    several times slower (benchmarks/results/README.md, "CPU step studies")."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))  # processes on this machine
     threads = requested or cpu_threads_from_env() or max(1, (os.cpu_count() or 1) // max(1, local))
     torch.set_num_threads(threads)
@@ -87,8 +87,8 @@ def make_adamw(groups: list[dict], *, eight_bit: bool = False, **kwargs) -> torc
     needs the optional `bnb` extra and, for its kernels, a CUDA device).
 
     torch's AdamW runs fused (one kernel for all parameters) when every parameter is a
-    floating-point tensor on CPU or CUDA: the default per-tensor loop took 56 ms a step on the
-    tiny U-Net on one CPU core, fused 16 ms (measured 2026-11-29), the same update maths."""
+    floating-point tensor on CPU or CUDA: the same update maths, several times faster than the
+    per-tensor loop on the tiny U-Net (benchmarks/results/README.md, "CPU step studies")."""
     if not eight_bit:
         params = [p for g in groups for p in g["params"]]
         fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)

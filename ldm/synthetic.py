@@ -4,7 +4,7 @@ Each image holds one or two coloured shapes (circle, square, triangle) of a name
 positions on a plain background; captions name them with some variety of phrasing
 ("a small red circle on the left", "a blue square at the top and a yellow triangle at the bottom
 on a white background"). A fixed set of (colour, shape, position) compositions is held out: it
-never appears in training, in one- or two-object images, and is what `ldm.evaluate` scores.
+never appears in training, in one- or two-object images, and is what `ldm.evaluation` scores.
 """
 
 from __future__ import annotations
@@ -46,9 +46,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 # How often each background is drawn (a caption names it a quarter of the time, so this is also
 # the mix a prompt without a background gets). In the shipped VAE's latents a yellow square and a
 # yellow circle on white differ least of any colour and background (`benchmarks/latent_contrast.py`),
-# so gray first (gray 60%, white 20%) was tried, held-out all three: at 2,000 steps seeds 0 / 1
-# 78.8% / 75.0% against 68.8% / 71.2% with white first, but the 2,400-step quick start 72.5%
-# against 78.8% on the same machine. Mixed, so white stays first.
+# so gray first was tried; the results were mixed, so white stays first
+# (benchmarks/results/README.md, "The built-in data").
 BACKGROUND_WEIGHTS: dict[str, float] = {"white": 0.6, "gray": 0.2, "black": 0.2}
 PAIRS = (("left", "right"), ("top", "bottom"))  # positions two objects may take
 PHRASES = {"left": ("on the left", "at the left"), "right": ("on the right", "at the right"),
