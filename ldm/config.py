@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ldm.errors import UsageError
+
 
 # --------------------------------------------------------------------------------------------
 # Architecture
@@ -363,14 +365,25 @@ def build_parser(cls: type = TrainConfig) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=tp, nargs="+" if is_list else None, **kw)
         # ArgumentDefaultsHelpFormatter reads .default; show the real default but keep SUPPRESS
         # so that we can tell which flags were actually given (they override --config).
-        parser._actions[-1].help = f"{kw['help']} (default: {default})"
+        if "default" not in kw["help"]:  # some helps say it in words ("the preset's")
+            parser._actions[-1].help = f"{kw['help']} (default: {default})"
     return parser
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """The mapping in a `--config` file; a missing, unreadable or malformed file is a UsageError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: not readable ({e})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UsageError(f"--config {path}: not valid YAML{at} ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of TrainConfig keys, got {type(data).__name__}")
+        raise UsageError(f"{path}: expected a mapping of TrainConfig keys, got {type(data).__name__}")
     return data
 
 
@@ -381,7 +394,7 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{source}: {key} may not be empty")
+        raise UsageError(f"{source}: {key} may not be empty")
     tp, is_list = _arg_type(annotation)
     try:
         if is_list:
@@ -401,14 +414,17 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
             return str(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError):
         pass
-    raise ValueError(f"{source}: {key}={value!r} is not a valid {annotation}")
+    raise UsageError(f"{source}: {key}={value!r} is not a valid {annotation}")
 
 
 def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < YAML (`--config`) < flags given on the command line."""
     cfg = resolve_config(TrainConfig, argv)
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"--preset {cfg.preset!r}: unknown; choose one of {', '.join(PRESETS)}")
     cfg = fill_objective(cfg, ObjectiveConfig() if cfg.pretrained_model_name_or_path
                          else model_preset(cfg.preset).objective)
+    cfg = resolve_resume_name(cfg)
     validate(cfg)
     return cfg
 
@@ -435,50 +451,154 @@ def resolve_config(cls: type, argv: list[str] | None = None, description: str | 
         from_yaml = load_yaml(given["config"])
         unknown = sorted(set(from_yaml) - set(hints))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown} in {given['config']}")
+            raise UsageError(f"{given['config']}: unknown config keys {unknown} (see --help for the keys)")
         values.update({k: _coerce(k, v, hints[k], given["config"]) for k, v in from_yaml.items()})
     values.update(given)
     return cls(**values)
 
 
 def validate(cfg: TrainConfig) -> None:
-    model_preset(cfg.preset)
+    """Refuse a run that cannot work, at startup: before models are built, data read or anything
+    written. Each mistake is a `UsageError` naming the flag and value (one line at the command line)."""
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"--preset {cfg.preset!r}: unknown; choose one of {', '.join(PRESETS)}")
     if cfg.train_data_dir and cfg.dataset_name:
-        raise ValueError("give --train_data_dir or --dataset_name, not both")
-    if cfg.train_data_dir and not Path(cfg.train_data_dir).is_dir():
-        raise FileNotFoundError(f"--train_data_dir {cfg.train_data_dir!r} is not a directory")
+        raise UsageError("give --train_data_dir or --dataset_name, not both")
     if cfg.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise ValueError(f"--prediction_type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
+        raise UsageError(f"--prediction_type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
     for name in ("noise_offset", "input_perturbation"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.on_bad_data not in ("skip", "fail"):
-        raise ValueError(f"--on_bad_data must be skip or fail, got {cfg.on_bad_data!r}")
+        raise UsageError(f"--on_bad_data must be skip or fail, got {cfg.on_bad_data!r}")
     if cfg.lora_rank < 0:
-        raise ValueError(f"--lora_rank must be >= 0, got {cfg.lora_rank}")
+        raise UsageError(f"--lora_rank must be >= 0, got {cfg.lora_rank}")
     if cfg.train_dtype not in ("float32", "float64"):
-        raise ValueError(f"--train_dtype must be float32 or float64, got {cfg.train_dtype!r}")
+        raise UsageError(f"--train_dtype must be float32 or float64, got {cfg.train_dtype!r}")
     if cfg.train_dtype != "float32" and (cfg.lora_rank or cfg.mixed_precision not in (None, "no")):
-        raise ValueError(f"--train_dtype {cfg.train_dtype} is for full training without mixed precision "
+        raise UsageError(f"--train_dtype {cfg.train_dtype} is for full training without mixed precision "
                          f"(got --lora_rank {cfg.lora_rank}, --mixed_precision {cfg.mixed_precision})")
     if cfg.lora_rank and not cfg.pretrained_model_name_or_path:
-        raise ValueError("--lora_rank adapts a pretrained model: give --pretrained_model_name_or_path")
+        raise UsageError("--lora_rank adapts a pretrained model: give --pretrained_model_name_or_path")
     if not 0.0 <= cfg.caption_dropout < 1.0:
-        raise ValueError(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+        raise UsageError(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "max_image_pixels"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+            raise UsageError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("num_validation_images", "validation_steps", "checkpointing_steps", "eval_images_per_case"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+            raise UsageError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     from ldm.diffusion import timestep_probabilities  # fail now, not after the models are built
 
-    timestep_probabilities(1000, cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion)
+    try:
+        timestep_probabilities(1000, cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier,
+                               cfg.timestep_bias_portion)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if cfg.timestep_bias_end_multiplier is not None and cfg.timestep_bias_end_multiplier < 0:
-        raise ValueError(f"--timestep_bias_end_multiplier must be >= 0 (0: constant), "
+        raise UsageError(f"--timestep_bias_end_multiplier must be >= 0 (0: constant), "
                          f"got {cfg.timestep_bias_end_multiplier}")
     if cfg.attention_backend not in ("auto", "sdpa", "xformers"):
-        raise ValueError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
+        raise UsageError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
+    check_output_dir(cfg.output_dir)
+    check_resume(cfg.resume_from_checkpoint)
+    check_pretrained(cfg)
+    check_resolution(cfg)
+    if cfg.train_data_dir:  # the folder's layout and captions (no image is read yet)
+        from ldm.datacheck import check_layout
+
+        check_layout(cfg.train_data_dir, cfg.caption_column)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The output folder, or the first of its parents that exists, must be a folder."""
+    for path in (Path(output_dir), *Path(output_dir).parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == Path(output_dir) else f" (its parent {path} is a file)"
+                raise UsageError(f"--output_dir {output_dir}: not a folder{where}")
+            return
+
+
+def resolve_resume_name(cfg: TrainConfig) -> TrainConfig:
+    """`--resume_from_checkpoint checkpoint-500` (a bare name) is the one under --output_dir."""
+    name = cfg.resume_from_checkpoint
+    under = Path(cfg.output_dir) / "checkpoints" / str(name)
+    if name and name != "latest" and not Path(name).exists() and under.is_dir():
+        return dataclasses.replace(cfg, resume_from_checkpoint=str(under))
+    return cfg
+
+
+def check_resume(resume: str | None) -> None:
+    """"latest", or a complete checkpoint folder (checkpoint-<step> holding its completion marker)."""
+    if not resume or resume == "latest":
+        return
+    from ldm.checkpoint import MARKER, complete_checkpoints
+
+    path = Path(resume)
+    if not path.is_dir():
+        raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder (give 'latest', or a "
+                         f"checkpoint-<step> folder or its name under --output_dir/checkpoints)")
+    if path.resolve() not in [p.resolve() for _, p in complete_checkpoints(path.parent.parent)]:
+        raise UsageError(f"--resume_from_checkpoint {resume}: not a complete checkpoint folder "
+                         f"(checkpoint-<step> with a {MARKER} marker)")
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """--pretrained_model_name_or_path and --pretrained_vae_name_or_path point at something loadable
+    (`ldm.hub`: a local folder with the expected parts, a single file, or a reachable hub id)."""
+    from ldm import hub
+
+    if cfg.pretrained_model_name_or_path:
+        hub.check_pipeline_source(cfg.pretrained_model_name_or_path)
+    if cfg.pretrained_vae_name_or_path and cfg.pretrained_vae_name_or_path != "none":
+        hub.check_vae_source(cfg.pretrained_vae_name_or_path)
+    if cfg.single_file_config:
+        hub.check_pipeline_source(cfg.single_file_config, "--single_file_config")
+
+
+def model_downsampling(cfg: TrainConfig) -> tuple[int, int] | None:
+    """(VAE factor, U-Net factor) of the model the run trains, read from the preset or from local
+    config.json files; None when a pretrained part's configs are not on disk (a hub id)."""
+    from ldm import hub
+
+    preset = model_preset(cfg.preset)
+    unet_levels = len(preset.unet.block_out_channels)
+    vae_levels = len(preset.vae.block_out_channels)
+    vae_source = cfg.pretrained_vae_name_or_path
+    if cfg.pretrained_model_name_or_path:
+        source = cfg.single_file_config or cfg.pretrained_model_name_or_path
+        if Path(source).is_file():  # a single file without --single_file_config: the sd15 preset's configs
+            sd15 = model_preset("sd15")
+            unet_levels, vae_levels = len(sd15.unet.block_out_channels), len(sd15.vae.block_out_channels)
+        else:
+            unet, vae = hub.local_config(source, "unet/config.json"), hub.local_config(source, "vae/config.json")
+            if unet is None or vae is None:
+                return None
+            unet_levels, vae_levels = len(unet["block_out_channels"]), len(vae["block_out_channels"])
+    elif vae_source is None:
+        vae_source = preset.pretrained_vae
+    if vae_source and vae_source != "none":
+        vae = hub.local_config(vae_source, "vae/config.json", "config.json")
+        if vae is None:
+            return None
+        vae_levels = len(vae["block_out_channels"])
+    return 2 ** (vae_levels - 1), 2 ** (unet_levels - 1)
+
+
+def check_resolution(cfg: TrainConfig) -> None:
+    """--resolution > 0 and a multiple of the VAE's times the U-Net's downsampling (the pipeline
+    refuses other sizes), naming the nearest valid ones."""
+    resolution = cfg.resolution if cfg.resolution is not None else model_preset(cfg.preset).resolution
+    factors = model_downsampling(cfg)
+    step = factors[0] * factors[1] if factors else 1
+    if resolution > 0 and resolution % step == 0:
+        return
+    below = resolution // step * step
+    nearest = " or ".join(str(r) for r in (below, below + step) if r > 0) or str(step)
+    why = f"a multiple of {step} (the VAE's x{factors[0]} times the U-Net's x{factors[1]} downsampling)" \
+        if factors and step > 1 else "a positive number of pixels"
+    raise UsageError(f"--resolution {resolution}: must be {why}; nearest: {nearest}")
 
 
 @dataclass

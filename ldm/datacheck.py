@@ -40,6 +40,8 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from PIL import Image, ImageFile
 
+from ldm.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default limit (a 9459 x 9459 image)
@@ -141,26 +143,47 @@ def reason_of(problem: str) -> str:
 
 
 # ------------------------------------------------------------------------------- reading a folder
-def folder_rows(root: str | Path, caption_column: str = DEFAULT_CAPTION_COLUMN) -> FolderScan:
+def folder_rows(root: str | Path, caption_column: str = DEFAULT_CAPTION_COLUMN, captions: bool = True) -> FolderScan:
     """Candidate rows of a folder: from its metadata files if it has any, else sidecar captions.
-    Raises for a broken layout (not a folder, mixed metadata formats, no file_name column)."""
+    Raises UsageError for a broken layout (not a folder, mixed metadata formats, no file_name
+    column). captions=False (a VAE's data): images need no caption, and none is read."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder")
+        raise UsageError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
     files = _walk(root)
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     metas = [p for p in files if p.name in METADATA_NAMES]
     if not metas:
-        return FolderScan(_sidecar_rows(root.resolve(), images, set(files)), unlisted=[])
+        return FolderScan(_sidecar_rows(root.resolve(), images, set(files), captions), unlisted=[])
     if len({p.suffix for p in metas}) > 1:
-        raise ValueError(f"{root}: both metadata.jsonl and metadata.csv files; use one format "
+        raise UsageError(f"{root}: both metadata.jsonl and metadata.csv files; use one format "
                          f"({', '.join(map(str, metas))})")
     rows: list[Row] = []
     listed: set[Path] = set()  # resolved files, over every metadata file: a second listing is a duplicate
     for meta in metas:
-        rows += _metadata_rows(meta, caption_column, listed)
+        rows += _metadata_rows(meta, caption_column if captions else None, listed)
     named = {os.path.normpath(row.label) for row in rows}  # as written, so a rejected symlink counts as listed
     return FolderScan(rows, unlisted=[str(p) for p in images if os.path.normpath(p) not in named])
+
+
+def check_layout(root: str | Path, caption_column: str = DEFAULT_CAPTION_COLUMN,
+                 captions: bool = True) -> FolderScan:
+    """`folder_rows`, refusing (UsageError) a folder no training could use: missing, no images, or
+    no row with both an image file and a caption. Reads the metadata and caption files but no
+    image, so training can call it at startup."""
+    scan = folder_rows(root, caption_column, captions)
+    if not scan.rows:
+        raise UsageError(no_images_message(root))
+    bad = [(r.label, r.problem or (caption_problem(r.caption) if captions else None)) for r in scan.rows]
+    bad = [(label, problem) for label, problem in bad if problem]
+    if len(bad) == len(scan.rows):
+        raise UsageError(f"{root}: none of its {len(bad)} images is usable (e.g. {bad[0][0]}: {bad[0][1]})")
+    return scan
+
+
+def no_images_message(root: str | Path) -> str:
+    return (f"{root}: no images found (expected {' / '.join(sorted(IMAGE_EXTENSIONS))} files with "
+            f"metadata.jsonl / metadata.csv, or with .txt / .caption files beside them)")
 
 
 def _walk(root: Path) -> list[Path]:
@@ -176,9 +199,11 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _metadata_rows(meta: Path, caption_column: str, listed: set[Path]) -> list[Row]:
+def _metadata_rows(meta: Path, caption_column: str | None, listed: set[Path]) -> list[Row]:
+    """caption_column None: no captions read."""
     records = _read_metadata(meta)
-    column = caption_column_of(_keys(rec for _, rec in records if isinstance(rec, dict)), caption_column, meta)
+    column = None if caption_column is None else caption_column_of(
+        _keys(rec for _, rec in records if isinstance(rec, dict)), caption_column, meta)
     base = meta.parent.resolve()
     rows = []
     for where, rec in records:
@@ -220,11 +245,11 @@ def _read_metadata(meta: Path) -> list[tuple[str, dict | str]]:
     try:
         text = meta.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{meta}: not UTF-8 text ({e})") from e
+        raise UsageError(f"{meta}: not UTF-8 text ({e})") from e
     if meta.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if reader.fieldnames is not None and "file_name" not in reader.fieldnames:
-            raise ValueError(f"{meta}: no file_name column (columns: {reader.fieldnames})")
+            raise UsageError(f"{meta}: no file_name column (columns: {reader.fieldnames})")
         return [(f"{meta}:{reader.line_num}", rec) for rec in reader]
     records: list[tuple[str, dict | str]] = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -237,7 +262,7 @@ def _read_metadata(meta: Path) -> list[tuple[str, dict | str]]:
             continue
         records.append((f"{meta}:{n}", rec if isinstance(rec, dict) else "bad metadata: not a JSON object"))
     if records and not any(isinstance(rec, dict) and "file_name" in rec for _, rec in records):
-        raise ValueError(f"{meta}: no row has a file_name")
+        raise UsageError(f"{meta}: no row has a file_name")
     return records
 
 
@@ -255,17 +280,19 @@ def caption_column_of(columns: Iterable[str], wanted: str, source: Any) -> str:
     if len(found) == 1:
         logger.info("%s: no %r column; using %r for captions", source, wanted, found[0])
         return found[0]
-    raise ValueError(f"{source}: no caption column {wanted!r}; columns are {sorted(columns)} (set --caption_column)")
+    raise UsageError(f"{source}: no caption column {wanted!r}; columns are {sorted(columns)} (set --caption_column)")
 
 
-def _sidecar_rows(root: Path, images: list[Path], files: set[Path]) -> list[Row]:
-    """Rows for images with caption files beside them; `root` is resolved."""
+def _sidecar_rows(root: Path, images: list[Path], files: set[Path], captions: bool = True) -> list[Row]:
+    """Rows for images with caption files beside them (captions=False: every image); `root` is resolved."""
     rows = []
     for path in images:
         sidecar = next((path.with_suffix(ext) for ext in CAPTION_EXTENSIONS if path.with_suffix(ext) in files), None)
         real = path.resolve()
         if not _inside(real, root):
             rows.append(Row(label=str(path), problem=f"path outside the folder: a symlink to {real}"))
+        elif not captions:
+            rows.append(Row(label=str(path), path=real))
         elif sidecar is None:
             rows.append(Row(label=str(path), path=real, problem="missing caption: no .txt or .caption file"))
         elif not _inside(sidecar.resolve(), root):
@@ -293,7 +320,7 @@ def dataset_rows(ds, image_column: str, caption_column: str, name: str) -> list[
     from datasets import Image as ImageFeature
 
     if image_column not in ds.column_names:
-        raise ValueError(f"{name}: no image column {image_column!r}; columns are {ds.column_names} "
+        raise UsageError(f"{name}: no image column {image_column!r}; columns are {ds.column_names} "
                          f"(set --image_column)")
     caption_column = caption_column_of(ds.column_names, caption_column, name)
     raw = ds.select_columns([image_column, caption_column]).cast_column(image_column, ImageFeature(decode=False))
@@ -385,21 +412,22 @@ def _read(row: Row) -> tuple[bytes | None, str | None]:
 
 
 def check_rows(rows: Sequence[Row], *, source: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               tokenizer=None, max_length: int | None = None) -> tuple[list[Kept], Report]:
-    """Check captions, then read and decode every image once; the good rows and the report.
-    With a tokenizer, captions over `max_length` tokens (default: its model_max_length) are counted."""
+               tokenizer=None, max_length: int | None = None, captions: bool = True) -> tuple[list[Kept], Report]:
+    """Check captions (unless captions=False), then read and decode every image once; the good
+    rows and the report. With a tokenizer, captions over `max_length` tokens (default: its
+    model_max_length) are counted."""
     kept: list[Kept] = []
     problems: list[tuple[str, str]] = []
     start = last_log = time.monotonic()
     with pil_limits(max_image_pixels):
         for i, row in enumerate(rows):
-            problem, info = row.problem or caption_problem(row.caption), None
+            problem, info = row.problem or (caption_problem(row.caption) if captions else None), None
             if problem is None:
                 data, problem = _read(row)
                 if problem is None:
                     problem, info = check_image(data, max_image_pixels)
             if problem is None:
-                kept.append(Kept(i, replace(row, caption=clean_caption(row.caption)), info))
+                kept.append(Kept(i, replace(row, caption=clean_caption(row.caption)) if captions else row, info))
             else:
                 problems.append((row.label, problem))
             if time.monotonic() - last_log > PROGRESS_SECONDS:
@@ -418,6 +446,24 @@ def token_limit(tokenizer, max_length: int | None) -> int | None:
         return None
     limit = max_length if max_length is not None else tokenizer.model_max_length
     return limit if limit and limit < 1_000_000 else None
+
+
+def model_token_limit(preset: str = "tiny", pretrained: str | None = None) -> int:
+    """How many tokens of a caption the model reads (the rest is cut): a local pretrained folder's
+    tokenizer `model_max_length` (a single file: sd15's), else the preset's text `max_length`."""
+    from ldm.config import model_preset
+
+    if pretrained:
+        config = Path(pretrained) / "tokenizer" / "tokenizer_config.json"
+        if config.is_file():
+            limit = json.loads(config.read_text()).get("model_max_length")
+            if isinstance(limit, int) and 0 < limit < 1_000_000:
+                return limit
+        if Path(pretrained).is_file():
+            return model_preset("sd15").text.max_length
+        logger.info("%s: no local tokenizer config; counting tokens against CLIP's 77", pretrained)
+        return model_preset("sd15").text.max_length
+    return model_preset(preset).text.max_length
 
 
 def same_content(kept: Sequence[Kept]) -> list[tuple[str, str]]:
@@ -449,9 +495,9 @@ def long_captions(cells: Sequence[tuple[str, str | list[str]]], tokenizer, max_l
 def validate_settings(on_bad_data: str, max_image_pixels: int) -> None:
     """Refuse bad settings before the long pass, not after it."""
     if on_bad_data not in BAD_DATA_POLICIES:
-        raise ValueError(f"on_bad_data must be one of {BAD_DATA_POLICIES}, got {on_bad_data!r}")
+        raise UsageError(f"on_bad_data must be one of {BAD_DATA_POLICIES}, got {on_bad_data!r}")
     if max_image_pixels < 1:
-        raise ValueError(f"max_image_pixels must be >= 1, got {max_image_pixels}")
+        raise UsageError(f"max_image_pixels must be >= 1, got {max_image_pixels}")
 
 
 def notes(report: Report) -> list[str]:
@@ -484,7 +530,7 @@ def apply_policy(report: Report, on_bad_data: str) -> None:
         return
     counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.counts().items()))
     if on_bad_data == "fail":
-        raise ValueError(f"{report.source}: {len(report.problems)} bad items of {report.total} ({counts}); "
+        raise UsageError(f"{report.source}: {len(report.problems)} bad items of {report.total} ({counts}); "
                          f"on_bad_data='fail':\n{report.problem_list()}")
     logger.warning("skipping %d bad items of %d (%s):\n%s", len(report.problems), report.total, counts,
                    report.problem_list())

@@ -125,6 +125,9 @@ def _subfolder(path: str, name: str) -> dict:
 
 
 def load_vae(path: str) -> AutoencoderKL:
+    from ldm.hub import check_vae_source
+
+    check_vae_source(path)  # a missing folder or an unreachable hub id: one UsageError, not retries
     return AutoencoderKL.from_pretrained(path, **_subfolder(path, "vae"))
 
 
@@ -189,6 +192,9 @@ def load_single_file(path: str, config: str | None = None) -> Components:
 
 def load_pretrained(path: str, single_file_config: str | None = None) -> Components:
     """Every component from a diffusers-layout folder, a hub id, or a single-file checkpoint."""
+    from ldm.hub import check_pipeline_source
+
+    check_pipeline_source(path)  # a missing folder, no unet/, an unreachable hub id: one UsageError
     if is_single_file(path):
         return load_single_file(path, single_file_config)
     vae = load_vae(path)

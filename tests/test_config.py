@@ -9,11 +9,19 @@ import yaml
 
 from ldm.config import (PRESETS, ObjectiveConfig, TrainConfig, build_parser, fill_objective, model_preset, resolve_train_config,
                         save_config)
+from ldm.errors import UsageError
 
 
 def _write_yaml(path, data) -> str:
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+def pipeline_folder(path):
+    """An empty diffusers pipeline layout: what the startup check of a pretrained folder looks for."""
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (path / part).mkdir(parents=True)
+    return path
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
@@ -55,10 +63,9 @@ def test_objective_comes_from_the_preset_unless_given(tmp_path):
     assert constant.timestep_bias_end_multiplier == 0.0  # kept as 0, so a saved train_config.yaml stays constant
     save_config(constant, tmp_path / "constant.yaml")
     assert resolve_train_config(["--config", str(tmp_path / "constant.yaml")]).timestep_bias_end_multiplier == 0.0
-    assert resolve_train_config(["--pretrained_model_name_or_path", "x"]).timestep_bias_end_multiplier is None
+    folder = pipeline_folder(tmp_path / "sd")
+    assert resolve_train_config(["--pretrained_model_name_or_path", str(folder)]).timestep_bias_end_multiplier is None
     # a pretrained model gets the Stable Diffusion objective, not the tiny preset's
-    folder = tmp_path / "sd"
-    folder.mkdir()
     cfg = resolve_train_config(["--pretrained_model_name_or_path", str(folder)])
     assert (cfg.snr_gamma, cfg.timestep_bias_strategy, cfg.train_text_encoder) == (5.0, "none", None)
     assert cfg.text_encoder_lr is None  # --train_text_encoder then uses --learning_rate
@@ -151,19 +158,88 @@ def test_bad_prediction_type_raises(value):
 
 
 def test_missing_train_data_dir_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_data_dir"):
+    with pytest.raises(UsageError, match="missing: no such folder"):
         resolve_train_config(["--train_data_dir", str(tmp_path / "missing")])
 
 
 def test_existing_train_data_dir_accepted(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not read at startup")
+    (tmp_path / "a.txt").write_text("a red circle")
     assert resolve_train_config(["--train_data_dir", str(tmp_path)]).train_data_dir == str(tmp_path)
 
 
 def test_train_data_dir_is_a_file_raises(tmp_path):
     f = tmp_path / "file.txt"
     f.write_text("x")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="not a folder"):
         resolve_train_config(["--train_data_dir", str(f)])
+
+
+@pytest.mark.parametrize("files,match", [
+    ({}, "no images found"),
+    ({"notes.md": "x", "data.bin": "y"}, "no images found"),
+    ({"a.png": "x"}, r"none of its 1 images is usable \(e.g. .*a.png: missing caption"),
+    ({"a.png": "x", "metadata.jsonl": '{"file_name": "a.png", "caption": "c", "prompt": "p"}'},
+     "no caption column 'text'"),
+])
+def test_unusable_data_folder_is_refused_at_startup(tmp_path, files, match):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(UsageError, match=match):
+        resolve_train_config(["--train_data_dir", str(tmp_path)])
+
+
+def test_unknown_caption_column_is_named(tmp_path):
+    (tmp_path / "a.png").write_text("x")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "c"}\n')
+    with pytest.raises(UsageError, match="no caption column 'words'"):
+        resolve_train_config(["--train_data_dir", str(tmp_path), "--caption_column", "words"])
+
+
+@pytest.mark.parametrize("value,match", [
+    ("33", r"--resolution 33: must be a multiple of 8 \(the VAE's x2 times the U-Net's x4 downsampling\); "
+           "nearest: 32 or 40"),
+    ("-32", "--resolution -32: must be a multiple of 8 .*nearest: 8"),
+    ("0", "--resolution 0: .*nearest: 8"),
+])
+def test_resolution_must_fit_the_models_downsampling(value, match):
+    with pytest.raises(UsageError, match=match):
+        resolve_train_config(["--resolution", value])
+    assert resolve_train_config(["--resolution", "40"]).resolution == 40
+
+
+def test_resolution_of_a_local_pretrained_folder_uses_its_configs(tmp_path):
+    import json
+
+    pipeline_folder(tmp_path)
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"block_out_channels": [8, 16, 32, 32]}))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8, 16, 32, 32]}))
+    with pytest.raises(UsageError, match="multiple of 64 .*x8 times the U-Net's x8.*nearest: 64 or 128"):
+        resolve_train_config(["--pretrained_model_name_or_path", str(tmp_path), "--resolution", "100"])
+    assert resolve_train_config(["--pretrained_model_name_or_path", str(tmp_path), "--resolution", "128"])
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "out"
+    f.write_text("x")
+    with pytest.raises(UsageError, match="--output_dir .*out: not a folder"):
+        resolve_train_config(["--output_dir", str(f)])
+    with pytest.raises(UsageError, match="its parent .*out is a file"):
+        resolve_train_config(["--output_dir", str(f / "sub")])
+
+
+def test_resume_must_be_latest_or_a_complete_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert resolve_train_config(["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    with pytest.raises(UsageError, match="--resume_from_checkpoint checkpoint-7: no such checkpoint folder"):
+        resolve_train_config(["--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-7"])
+    ckpt = out / "checkpoints" / "checkpoint-7"
+    ckpt.mkdir(parents=True)
+    with pytest.raises(UsageError, match="not a complete checkpoint folder"):
+        resolve_train_config(["--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-7"])
+    (ckpt / "COMPLETE").write_text("{}")
+    cfg = resolve_train_config(["--output_dir", str(out), "--resume_from_checkpoint", "checkpoint-7"])
+    assert cfg.resume_from_checkpoint == str(ckpt)  # a bare name is the one under --output_dir
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -265,8 +341,15 @@ def test_non_mapping_yaml_raises(tmp_path):
 
 
 def test_missing_yaml_raises(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="nope.yaml: no such file"):
         resolve_train_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learning_rate: 1e-4\nseed: [1, 2\n")
+    with pytest.raises(UsageError, match=r"bad.yaml: not valid YAML at line 3"):
+        resolve_train_config(["--config", str(path)])
 
 
 def test_save_config_round_trips(tmp_path):
@@ -312,6 +395,13 @@ def test_help_shows_defaults():
     assert "(default: None)" in text
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name}" in text
+    assert "(default: the preset's)" in text  # resolution: said in words, once
+    assert "the preset's) (default" not in text
+
+
+def test_help_text_names_a_default_once():
+    for action in build_parser()._actions[1:]:
+        assert action.help.count("default") == 1, action.help
 
 
 def test_every_field_has_a_flag_and_help():
@@ -320,7 +410,7 @@ def test_every_field_has_a_flag_and_help():
     for f in dataclasses.fields(TrainConfig):
         assert f.name in dests, f.name
         assert f.metadata.get("help"), f"{f.name} has no help text"
-        assert "(default: " in dests[f.name].help
+        assert "default" in dests[f.name].help
 
 
 # ------------------------------------------------------------------------------- presets
