@@ -608,7 +608,8 @@ class VAETrainConfig:
     output_dir: str = _help("where the VAE (diffusers layout) goes", default="outputs/vae")
     train_data_dir: str | None = _help("image folder (default: the built-in shapes)", default=None)
     image_column: str = _help("image column of the data set", default="image")
-    caption_column: str = _help("caption column (only read to validate the folder)", default="text")
+    caption_column: str = _help("unused: a VAE needs no captions (kept so that older configs load)",
+                                default="text")
     builtin_num_images: int = _help("size of the built-in data set", default=4096)
     builtin_colors: str = _help("built-in set only: named (the captions' palette) | random (any RGB for objects "
                                 "and background, so the VAE reproduces colours users bring) | mixed (half each)",

@@ -77,3 +77,40 @@ def test_latent_contrast_finds_the_low_contrast_pair_of_the_shipped_vae(tmp_path
     others = [v for name, v in white.items() if name != "yellow"]
     assert white["yellow"] * 2 < min(others)
     assert table["gray"]["yellow"]["latent"] > 2 * white["yellow"]  # the same yellow on gray is fine
+
+
+def _uncaptioned_folder(root: Path, n: int) -> Path:
+    """n images and no caption anywhere (a VAE needs none), plus one file that is not an image."""
+    root.mkdir()
+    for i, image in enumerate(make_examples(n, 32, seed=0)[0]):
+        image.save(root / f"img_{i}.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_image_folder_needs_no_captions_and_skips_bad_images(tmp_path):
+    from training.train_vae import image_folder
+
+    ds = image_folder(str(_uncaptioned_folder(tmp_path / "data", 3)))
+    assert len(ds) == 3 and ds["text"] == ["", "", ""]
+    assert ds[0]["image"].size == (32, 32)
+    # metadata without a caption column is fine too: only file_name is read
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    make_examples(1, 32, seed=1)[0][0].save(meta / "a.png")
+    (meta / "metadata.jsonl").write_text('{"file_name": "a.png", "label": 3}\n')
+    assert len(image_folder(str(meta))) == 1
+
+
+@pytest.mark.slow
+def test_vae_trains_on_an_uncaptioned_folder_smaller_than_the_batch(tmp_path):
+    data = _uncaptioned_folder(tmp_path / "data", 5)
+    out = tmp_path / "vae"
+    proc = subprocess.run([sys.executable, str(ROOT / "training" / "train_vae.py"), "--output_dir", str(out),
+                           "--train_data_dir", str(data), "--max_train_steps", "2", "--train_batch_size", "16",
+                           "--cpu_threads", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "only 5 images: batch size 5 instead of 16" in proc.stderr
+    info = json.loads((out / "vae_info.json").read_text())
+    assert info["steps"] == 2 and np.isfinite(info["latent_std"]) and info["latent_std"] > 0

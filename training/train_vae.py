@@ -26,8 +26,10 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ldm.config import VAEConfig, VAETrainConfig, resolve_config, save_config
+from ldm import datacheck
+from ldm.config import VAEConfig, VAETrainConfig, check_output_dir, resolve_config, save_config
 from ldm.data import collate, load_captioned_dataset, make_batch_transform
+from ldm.errors import UsageError, run_cli
 from ldm.images import image_grid, tensor_to_pil
 from ldm.models import build_vae, count_parameters
 from ldm.runtime import use_cpu_cores
@@ -62,8 +64,48 @@ def latent_std(vae, batches) -> float:
     return torch.cat(zs).float().std().item()
 
 
+def image_folder(root: str, max_image_pixels: int = datacheck.DEFAULT_MAX_IMAGE_PIXELS):
+    """The good images of a folder as a `datasets.Dataset` (image, text ""): a VAE needs no
+    captions, so any metadata or caption files are ignored; bad images are reported and skipped."""
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    scan = datacheck.folder_rows(root, captions=False)
+    kept, report = datacheck.check_rows(scan.rows, source=str(root), max_image_pixels=max_image_pixels,
+                                        captions=False)
+    datacheck.log_report(report)
+    datacheck.apply_policy(report, "skip")
+    if not kept:
+        raise UsageError(datacheck.no_images_message(root) if not scan.rows else
+                         f"{root}: every one of {report.total} images is bad (see the report above)")
+    return Dataset.from_dict({"image": [{"path": str(k.row.path), "bytes": None} for k in kept],
+                              "text": [""] * len(kept)},
+                             features=Features({"image": ImageFeature(), "text": Value("string")}))
+
+
+def validate(cfg: VAETrainConfig) -> None:
+    """Refuse what cannot work before anything is built or written (`UsageError`, one line)."""
+    for name in ("resolution", "train_batch_size", "max_train_steps", "builtin_num_images", "layers_per_block",
+                 "latent_channels", "norm_num_groups"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.block_out_channels:
+        raise UsageError("--block_out_channels needs at least one level")
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if cfg.resolution % factor:
+        below = cfg.resolution // factor * factor
+        nearest = " or ".join(str(r) for r in (below, below + factor) if r > 0)
+        raise UsageError(f"--resolution {cfg.resolution}: must be a multiple of the VAE's downsampling x{factor}; "
+                         f"nearest: {nearest}")
+    if cfg.builtin_colors not in ("named", "random", "mixed"):
+        raise UsageError(f"--builtin_colors must be named, random or mixed, got {cfg.builtin_colors!r}")
+    check_output_dir(cfg.output_dir)
+    if cfg.train_data_dir:
+        datacheck.check_layout(cfg.train_data_dir, captions=False)
+
+
 def main(argv: list[str] | None = None) -> Path:
     cfg: VAETrainConfig = resolve_config(VAETrainConfig, argv, description=__doc__.splitlines()[1])
+    validate(cfg)
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -83,12 +125,21 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("VAE: %.2fM parameters, downsampling x%d, %d latent channels", count_parameters(vae) / 1e6,
                 vae_cfg.downsample_factor, cfg.latent_channels)
 
-    dataset = load_captioned_dataset(train_data_dir=cfg.train_data_dir, dataset_name=None,
-                                     image_column=cfg.image_column, caption_column=cfg.caption_column,
-                                     builtin_num_images=cfg.builtin_num_images, resolution=cfg.resolution,
-                                     seed=cfg.seed, builtin_colors=cfg.builtin_colors)
+    if cfg.train_data_dir:
+        dataset = image_folder(cfg.train_data_dir)
+    else:
+        dataset = load_captioned_dataset(train_data_dir=None, dataset_name=None, image_column=cfg.image_column,
+                                         caption_column=cfg.caption_column, builtin_num_images=cfg.builtin_num_images,
+                                         resolution=cfg.resolution, seed=cfg.seed, builtin_colors=cfg.builtin_colors)
+    # Full batches only (drop_last), but never fewer images than one batch per process: a small
+    # folder trains with what there is.
+    batch_size = min(cfg.train_batch_size, len(dataset) // accelerator.num_processes)
+    if batch_size < 1:
+        raise UsageError(f"{cfg.train_data_dir}: {len(dataset)} images for {accelerator.num_processes} processes")
+    if batch_size < cfg.train_batch_size:
+        logger.warning("only %d images: batch size %d instead of %d", len(dataset), batch_size, cfg.train_batch_size)
     dataset = dataset.with_transform(make_batch_transform(cfg.resolution, True, cfg.random_flip))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, shuffle=True,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                          collate_fn=collate, drop_last=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
@@ -141,4 +192,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
