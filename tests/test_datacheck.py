@@ -412,7 +412,14 @@ def test_check_command_summary_report_and_exit_codes(planted, tmp_path, capsys):
     png(good / "a.png"); (good / "a.txt").write_text("a red box " * 30)
     assert check_data.main(["--train_data_dir", str(good)]) == 0  # a long caption is a note, not a failure
     out = capsys.readouterr().out
-    assert re.search(r"captions over 77 tokens \(kept, truncated\) +1\n", out) and "92 tokens" in out
+    # counted against the model's own limit: the tiny preset cuts at 32 tokens, sd15 at 77
+    assert re.search(r"captions over 32 tokens \(kept, truncated\) +1\n", out) and "92 tokens" in out
+    assert check_data.main(["--train_data_dir", str(good), "--preset", "sd15"]) == 0
+    assert re.search(r"captions over 77 tokens \(kept, truncated\) +1\n", capsys.readouterr().out)
+    (tmp_path / "sd" / "tokenizer").mkdir(parents=True)  # a pretrained model: its tokenizer's limit
+    (tmp_path / "sd" / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 100}')
+    assert check_data.main(["--train_data_dir", str(good), "--pretrained_model_name_or_path", str(tmp_path / "sd")]) == 0
+    assert re.search(r"captions over 100 tokens \(kept, truncated\) +0\n", capsys.readouterr().out)
     assert check_data.main(["--train_data_dir", str(tmp_path / "nope")]) == 2
     assert check_data.main(["--train_data_dir", str(good), "--max_image_pixels", "0"]) == 2
     assert check_data.main(["--train_data_dir", str(tmp_path / "good"), "--caption_column", "x"]) == 0  # sidecars

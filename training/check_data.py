@@ -2,11 +2,13 @@
 
     python training/check_data.py --train_data_dir DIR [--on_bad_data skip|fail]
                                   [--max_image_pixels N] [--report report.json]
+                                  [--preset tiny | --pretrained_model_name_or_path DIR]
 
 Every image is opened and decoded once (`ldm.datacheck`, the same check training runs). Prints a
 table (kept; skipped by reason: unreadable, truncated, unsupported mode, too many pixels, missing
 file, path outside the folder, duplicate, bad metadata, missing / empty / bad caption; captions over
-the token limit; byte-identical images; images no metadata file lists) and every bad item by path.
+the model's token limit, which it cuts; byte-identical images; images no metadata file lists) and
+every bad item by path.
 
 Exit status: 0 when nothing is bad; 1 when something is (training with --on_bad_data skip would
 go on without it, with fail it would stop: --on_bad_data fail prints that error); 2 when there is
@@ -27,6 +29,8 @@ if __package__ in (None, ""):  # `python training/check_data.py` runs this as a 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm import datacheck
+from ldm.config import PRESETS
+from ldm.errors import run_cli
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -48,8 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip: list every bad item; fail: print the error training would stop with")
     parser.add_argument("--max_image_pixels", type=int, default=datacheck.DEFAULT_MAX_IMAGE_PIXELS,
                         help="larger images are bad (decompression bombs)")
-    parser.add_argument("--max_length", type=int, default=77,
-                        help="token limit of the text encoder (CLIP tokenizer); 0: do not count")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help="the model to train: its text encoder's token limit is what captions are counted against")
+    parser.add_argument("--pretrained_model_name_or_path", default=None,
+                        help="a pretrained model folder instead: its tokenizer's model_max_length")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="token limit to count captions against (default: the model's own, see --preset); "
+                             "0: do not count")
     parser.add_argument("--report", type=Path, help="write the full report to this JSON file")
     return parser.parse_args(argv)
 
@@ -77,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"error: {source}: no images found", file=sys.stderr)
         return 2
+    limit = args.max_length
+    if limit is None:
+        limit = datacheck.model_token_limit(args.preset, args.pretrained_model_name_or_path)
     tokenizer = None
-    if args.max_length:
+    if limit:
         from ldm.text import build_clip_tokenizer
 
-        tokenizer = build_clip_tokenizer(args.max_length)
+        tokenizer = build_clip_tokenizer(limit)
     _, report = datacheck.check_rows(rows, source=source, max_image_pixels=args.max_image_pixels,
-                                     tokenizer=tokenizer, max_length=args.max_length or None)
+                                     tokenizer=tokenizer, max_length=limit or None)
     report = replace(report, unlisted=unlisted)
     print(f"data check of {source}:\n{report.table()}")
     for line in datacheck.notes(report):
@@ -102,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
