@@ -510,13 +510,13 @@ def validate(cfg: TrainConfig) -> None:
         check_layout(cfg.train_data_dir, cfg.caption_column)
 
 
-def check_output_dir(output_dir: str) -> None:
+def check_output_dir(output_dir: str, flag: str = "--output_dir") -> None:
     """The output folder, or the first of its parents that exists, must be a folder."""
     for path in (Path(output_dir), *Path(output_dir).parents):
         if path.exists():
             if not path.is_dir():
                 where = "" if path == Path(output_dir) else f" (its parent {path} is a file)"
-                raise UsageError(f"--output_dir {output_dir}: not a folder{where}")
+                raise UsageError(f"{flag} {output_dir}: not a folder{where}")
             return
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ldm.errors import UsageError
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # `ldm.models.load_single_file`
 HUB_TIMEOUT_S = 5.0
 # huggingface_hub's repo-id rule: `name` or `namespace/name`, letters, digits, - _ . only
 _REPO_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
@@ -26,8 +27,6 @@ def looks_like_hub_id(value: str) -> bool:
 
 def check_pipeline_source(value: str, flag: str = "--pretrained_model_name_or_path") -> str:
     """"folder", "file" (a single-file checkpoint) or "hub" for a full model, else UsageError."""
-    from ldm.models import SINGLE_FILE_SUFFIXES
-
     path = Path(value).expanduser()
     if path.is_file():
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES:

@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.config import ModelConfig, NoiseConfig, UNetConfig, VAEConfig
+from ldm.hub import SINGLE_FILE_SUFFIXES
 from ldm.text import build_clip_tokenizer, build_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -129,9 +130,6 @@ def load_vae(path: str) -> AutoencoderKL:
 
     check_vae_source(path)  # a missing folder or an unreachable hub id: one UsageError, not retries
     return AutoencoderKL.from_pretrained(path, **_subfolder(path, "vae"))
-
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def is_single_file(path: str) -> bool:

@@ -20,7 +20,43 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.evaluation import Case, evaluate_pipeline, held_out_cases, save_report, summary
+from ldm.config import check_output_dir
+from ldm.errors import UsageError, run_cli
 from ldm.judge import Judge
+
+
+def read_json(path: str, flag: str):
+    """The JSON in a file named by a flag; a missing or malformed file is a UsageError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag} {path}: not readable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag} {path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+
+
+def read_cases(path: str) -> list[Case]:
+    data = read_json(path, "--cases")
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"--cases {path}: expected a non-empty JSON list of cases")
+    fields = ("prompt", "color", "shape", "position")
+    for i, c in enumerate(data):
+        if not isinstance(c, dict) or sorted(c) != sorted(fields) or not all(isinstance(v, str) for v in c.values()):
+            raise UsageError(f"--cases {path}: entry {i} must be an object with the strings {', '.join(fields)}, "
+                             f"got {json.dumps(c)[:80]}")
+    return [Case(**c) for c in data]
+
+
+def read_colors(path: str) -> Judge:
+    data = read_json(path, "--colors")
+    ok = isinstance(data, dict) and data and all(
+        isinstance(v, list) and len(v) == 3 and all(isinstance(x, int) and 0 <= x <= 255 for x in v)
+        for v in data.values())
+    if not ok:
+        raise UsageError(f"--colors {path}: expected a JSON object of colour name -> [r, g, b] (0-255)")
+    return Judge({k: tuple(v) for k, v in data.items()})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,11 +74,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sampler", default=None, help="override the saved scheduler (e.g. ddim, dpm++)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("images_per_case", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    pipeline = Path(args.pipeline)
+    if not pipeline.is_dir():
+        raise UsageError(f"--pipeline {args.pipeline}: {'not a folder' if pipeline.exists() else 'no such folder'}")
+    if not (pipeline / "model_index.json").is_file():
+        raise UsageError(f"--pipeline {args.pipeline}: not a pipeline folder (no model_index.json)")
+    check_output_dir(args.out or str(pipeline / "eval"), "--out")
+    from ldm.schedulers import SAMPLERS
 
-    cases = held_out_cases()
-    if args.cases:
-        cases = [Case(**c) for c in json.loads(Path(args.cases).read_text())]
-    judge = Judge({k: tuple(v) for k, v in json.loads(Path(args.colors).read_text()).items()}) if args.colors else None
+    if args.sampler and args.sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {args.sampler}: unknown; choose one of {', '.join(SAMPLERS)}")
+    cases = read_cases(args.cases) if args.cases else held_out_cases()
+    judge = read_colors(args.colors) if args.colors else None
+
     pipe = TextToImagePipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     if args.sampler:
@@ -56,4 +103,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
