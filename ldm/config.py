@@ -370,6 +370,20 @@ def build_parser(cls: type = TrainConfig) -> argparse.ArgumentParser:
     return parser
 
 
+def exit_early_for_help(cls: type = TrainConfig, description: str | None = None,
+                        argv: list[str] | None = None) -> None:
+    """Answer -h / --help and exit, for a script to call before its heavy imports (torch and
+    diffusers take seconds to import; the help needs neither)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        parser = build_parser(cls)
+        if description:
+            parser.description = description
+        parser.parse_args(["--help"])
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a `--config` file; a missing, unreadable or malformed file is a UsageError."""
     try:

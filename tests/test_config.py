@@ -458,3 +458,15 @@ def test_bad_yaml_values_name_the_key(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ValueError, match=text.split(":")[0]):
         resolve_train_config(["--config", str(path)])
+
+
+def test_help_is_answered_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom ldm.config import exit_early_for_help\nexit_early_for_help(argv=[])\n"
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules\n"
+            "exit_early_for_help(argv=['--seed', '1', '--help'])\nraise SystemExit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr  # --help exits 0, before the line that would exit 3
+    assert "--resolution" in proc.stdout and "(default: tiny)" in proc.stdout

@@ -18,6 +18,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # --help without importing torch
+    from ldm.config import VAETrainConfig, exit_early_for_help
+
+    exit_early_for_help(VAETrainConfig, __doc__.splitlines()[0])
 
 import torch
 from accelerate import Accelerator
@@ -104,7 +108,7 @@ def validate(cfg: VAETrainConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg: VAETrainConfig = resolve_config(VAETrainConfig, argv, description=__doc__.splitlines()[1])
+    cfg: VAETrainConfig = resolve_config(VAETrainConfig, argv, description=__doc__.splitlines()[0])
     validate(cfg)
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
