@@ -79,6 +79,14 @@ def test_requesting_xformers_where_it_cannot_run_is_an_error(tiny_components):
 
 
 @pytest.mark.gpu
-def test_xformers_or_sdpa_on_cuda(tiny_components):
-    chosen = configure_attention([tiny_components.unet], "auto", torch.device("cuda"))
-    assert chosen in ("sdpa", "xformers")
+def test_auto_attention_on_cuda_is_xformers_exactly_when_its_kernels_run(tiny_components, caplog):
+    device = torch.device("cuda")
+    usable, reason = xformers_status(device)
+    with caplog.at_level(logging.INFO, logger="ldm.attention"):
+        chosen = configure_attention([tiny_components.unet], "auto", device)
+    assert chosen == ("xformers" if usable else "sdpa")
+    procs = {type(p).__name__ for p in tiny_components.unet.attn_processors.values()}
+    assert procs == ({"XFormersAttnProcessor"} if usable else {"AttnProcessor2_0"})
+    lines = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+    assert len(lines) == 1 and reason in lines[0]
+    assert ("xformers memory_efficient_attention" if usable else "PyTorch SDPA") in lines[0]
