@@ -55,12 +55,22 @@ def save_lora(directory: str | Path, unet: torch.nn.Module, text_encoder: torch.
     from diffusers import StableDiffusionPipeline
 
     directory = Path(directory)
-    te_layers = lora_state_dict(text_encoder) if text_encoder is not None and _has_lora(text_encoder) else None
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=lora_state_dict(unet),
-                                              text_encoder_lora_layers=te_layers, safe_serialization=True)
+    with_te = text_encoder is not None and _has_lora(text_encoder)
+    # The adapter config (rank, alpha) goes into the file's metadata: without it a loader
+    # assumes alpha = rank, and a run with another alpha loads at the wrong scale.
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=lora_state_dict(unet),
+        text_encoder_lora_layers=lora_state_dict(text_encoder) if with_te else None,
+        unet_lora_adapter_metadata=_adapter_metadata(unet),
+        text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder) if with_te else None,
+        safe_serialization=True)
     if info is not None:
         (directory / "lora_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return directory / WEIGHT_NAME
+
+
+def _adapter_metadata(model: torch.nn.Module) -> dict:
+    return model.peft_config["default"].to_dict()
 
 
 def _has_lora(model: torch.nn.Module) -> bool:

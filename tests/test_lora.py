@@ -101,3 +101,22 @@ def test_lora_file_is_small_and_loads_in_our_pipeline_and_in_diffusers(tmp_path)
     ours.fuse_lora()
     torch.testing.assert_close(unet_out(ours.unet, ours.text_encoder, ours.tokenizer), expected_unet,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_an_alpha_other_than_the_rank_loads_at_the_trained_scale(tmp_path):
+    """alpha / rank scales the adapters: the file carries it, so both loaders apply it."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "base")
+    add_lora(pipe.unet, rank=4, alpha=8)
+    add_lora(pipe.text_encoder, rank=4, alpha=8)
+    randomise_lora(pipe.unet, 0)
+    randomise_lora(pipe.text_encoder, 1)
+    expected = unet_out(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    save_lora(tmp_path / "lora", pipe.unet, pipe.text_encoder)
+    for loaded in (TextToImagePipeline.from_pretrained(tmp_path / "base"),
+                   StableDiffusionPipeline.from_pretrained(tmp_path / "base", safety_checker=None)):
+        loaded.load_lora_weights(tmp_path / "lora")
+        torch.testing.assert_close(unet_out(loaded.unet, loaded.text_encoder, loaded.tokenizer), expected,
+                                   rtol=1e-5, atol=1e-5)
