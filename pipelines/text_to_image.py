@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion import classifier_free_guidance, rescale_guidance
-from ldm.schedulers import make_sampler
+from ldm.schedulers import diffusers_class, make_sampler, with_fixes
 from ldm.text import encode_tokens, tokenize, write_bpe_files
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -45,6 +45,7 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  unet: UNet2DConditionModel, scheduler: SchedulerMixin):
         super().__init__()
+        scheduler = with_fixes(scheduler)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -69,7 +70,15 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         index.setdefault("feature_extractor", [None, None])
         index.setdefault("image_encoder", [None, None])
         index["requires_safety_checker"] = False
+        # Our samplers that extend a diffusers class are saved under that class's name (loading
+        # here turns it back into ours, ldm.schedulers.with_fixes).
+        scheduler_class = diffusers_class(self.scheduler).__name__
+        index["scheduler"] = ["diffusers", scheduler_class]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        scheduler_path = Path(save_directory) / "scheduler" / "scheduler_config.json"
+        scheduler_config = json.loads(scheduler_path.read_text())
+        scheduler_config["_class_name"] = scheduler_class
+        scheduler_path.write_text(json.dumps(scheduler_config, indent=2, sort_keys=True) + "\n")
         write_bpe_files(Path(save_directory) / "tokenizer")
 
     # ------------------------------------------------------------------ steps of __call__
@@ -181,14 +190,27 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 progress.update()
 
         # 4. Decode: x = D(z / scaling_factor), in [-1, 1].
+        self._refuse_non_finite(latents, "latents", num_inference_steps)
         if output_type == "latent":
             images = latents
         else:
             z = latents / self.vae.config.scaling_factor
             decoded = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+            self._refuse_non_finite(decoded, "decoded images", num_inference_steps)
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return TextToImageOutput(images=images)
+
+    def _refuse_non_finite(self, x: torch.Tensor, what: str, num_inference_steps: int) -> None:
+        """A NaN image decodes to black without a word: say so instead (one host sync per call)."""
+        if torch.isfinite(x).all():
+            return
+        self.maybe_free_model_hooks()
+        raise FloatingPointError(
+            f"{what} are not finite ({int((~torch.isfinite(x)).sum())} of {x.numel()} values) after "
+            f"{num_inference_steps} steps of the {type(self.scheduler).__name__} sampler; try another sampler "
+            f"(pipe.set_sampler('dpm++'), or 'euler_a' for our NaN-safe Euler-ancestral), another "
+            f"num_inference_steps, or float32 weights")
 

@@ -90,3 +90,24 @@ def test_resaving_a_diffusers_folder_keeps_it_loadable(diffusers_sd_dir, tmp_pat
     ours.save_pretrained(tmp_path)
     again = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)
     assert np.abs(run(ours, height=32, width=32) - run(again, height=32, width=32)).max() < 1e-4
+
+
+def test_a_folder_saved_with_our_euler_a_names_diffusers_class(tiny_components, tmp_path):
+    """Our NaN-safe Euler-ancestral is saved as diffusers' EulerAncestralDiscreteScheduler, so
+    diffusers loads the folder, and loads back here as ours (equal images where diffusers' is finite)."""
+    from conftest import make_pipeline
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from ldm.schedulers import EulerAncestralScheduler
+
+    make_pipeline(tiny_components, "euler_a").save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"] == [
+        "diffusers", "EulerAncestralDiscreteScheduler"]
+    saved = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "EulerAncestralDiscreteScheduler"
+    theirs = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)
+    assert type(theirs.scheduler) is EulerAncestralDiscreteScheduler
+    ours = TextToImagePipeline.from_pretrained(tmp_path)
+    assert type(ours.scheduler) is EulerAncestralScheduler
+    assert np.abs(run(ours) - run(theirs)).max() < 1e-4
+    assert np.isfinite(run(ours, num_inference_steps=3)).all()  # diffusers' class: all NaN (0.42)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 from conftest import make_pipeline
-from ldm.config import model_preset
-from ldm.schedulers import SAMPLERS
+from diffusers import EulerAncestralDiscreteScheduler
+
+from ldm.config import TrainConfig, model_preset
+from ldm.schedulers import SAMPLERS, ancestral_step
 from pipelines import TextToImagePipeline
 
 STEPS = 4
@@ -161,3 +165,63 @@ def test_save_then_load_is_bit_identical(tiny_components, tiny_pipeline_dir):
         "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
     assert (tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert not list(tiny_pipeline_dir.rglob("*.bin")) and not list(tiny_pipeline_dir.rglob("*.pkl"))
+
+
+# ---------------------------------------------------------------- non-finite results (issue 19, item 13)
+def default_sampler() -> str:
+    """The sampler training saves with the pipeline unless told otherwise."""
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "sampler")
+
+
+def test_ancestral_step_sizes_known_answers():
+    """sigma_down = sigma_to^2 / sigma_from and sigma_down^2 + sigma_up^2 = sigma_to^2, also where
+    float32 cancels: the tiny preset's cosine schedule at 3 trailing steps goes 20291.3 -> 1.7507."""
+    sigma_from, sigma_to = torch.tensor(20291.302734375), torch.tensor(1.750723123550415)
+    down, up = ancestral_step(sigma_from, sigma_to)
+    assert torch.isfinite(down) and torch.isfinite(up)
+    assert down.item() == pytest.approx(1.750723123550415**2 / 20291.302734375, rel=1e-6)  # 1.5105e-4
+    assert up.item() == pytest.approx(1.750723123550415, rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    sigma_from = torch.rand(1000, generator=g) * 100 + 1e-3
+    sigma_to = sigma_from * torch.rand(1000, generator=g)
+    down, up = ancestral_step(sigma_from, sigma_to)
+    torch.testing.assert_close(down**2 + up**2, sigma_to**2, rtol=1e-5, atol=1e-12)
+    assert (down <= sigma_to).all() and (up <= sigma_to).all()
+    assert [float(v) for v in ancestral_step(torch.tensor(0.5), torch.tensor(0.0))] == [0.0, 0.0]
+
+
+def test_default_sampler_gives_finite_images_at_few_steps(tiny_components):
+    """diffusers' own Euler-ancestral gives all-NaN latents at 3 steps of the tiny preset's schedule."""
+    pipe = make_pipeline(tiny_components, default_sampler())
+    for steps in (1, 2, 3, 4):
+        out = pipe("a red circle", num_inference_steps=steps, generator=gen(steps), output_type="np").images
+        assert np.isfinite(out).all() and out.std() > 0, steps
+
+
+def test_euler_a_equals_diffusers_where_that_is_finite(tiny_components):
+    ours = make_pipeline(tiny_components, "euler_a")
+    theirs = make_pipeline(tiny_components, "euler_a")
+    theirs.scheduler = EulerAncestralDiscreteScheduler.from_config(ours.scheduler.config)
+    assert type(ours.scheduler) is not type(theirs.scheduler)
+    kw = dict(num_inference_steps=10, num_images_per_prompt=2, output_type="latent")
+    a = ours("a red circle", generator=[gen(0), gen(1)], **kw).images
+    b = theirs("a red circle", generator=[gen(0), gen(1)], **kw).images
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # float32 rounding of the step sizes (~6e-6)
+
+
+def test_a_non_finite_result_raises_naming_sampler_and_steps(tiny_pipe):
+    def poison(pipe, i, t, tensors):
+        return {"latents": torch.full_like(tensors["latents"], float("nan"))} if i == 1 else {}
+
+    for output_type in ("pil", "latent"):
+        with pytest.raises(FloatingPointError, match=r"latents are not finite .* 3 steps of the DDIMScheduler"):
+            tiny_pipe("a red circle", num_inference_steps=3, generator=gen(0), output_type=output_type,
+                      callback_on_step_end=poison)
+
+
+def test_diffusers_euler_ancestral_nan_is_reported_not_returned(tiny_pipe):
+    """A user who sets diffusers' class by hand meets its float32 NaN as a clear error."""
+    tiny_pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(tiny_pipe.scheduler.config)
+    with pytest.raises(FloatingPointError, match="EulerAncestralDiscreteScheduler sampler; try another sampler"):
+        tiny_pipe("a red circle", num_inference_steps=3, generator=gen(0))
+
