@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,7 @@ from ldm.schedulers import diffusers_class, make_sampler, with_fixes
 from ldm.text import encode_tokens, tokenize, write_bpe_files
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+CALLBACK_TENSORS = ("latents", "prompt_embeds", "noise_pred")
 
 
 @dataclass
@@ -88,6 +91,51 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         embeds = encode_tokens(self.text_encoder, ids.to(device))
         return embeds.to(dtype=self.text_encoder.dtype, device=device)
 
+    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
+                     height, width, num_images_per_prompt, generator, latents, output_type,
+                     callback_on_step_end_tensor_inputs) -> tuple[list[str], list[str], int, int]:
+        """Every argument of `__call__` checked before any work: a ValueError naming the argument
+        and what it accepts. Returns (prompts, negative prompts, height, width)."""
+        prompts = _strings("prompt", prompt)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = _strings("negative_prompt", negative_prompt)
+            if isinstance(negative_prompt, str):
+                negatives = negatives * len(prompts)
+            elif len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        _positive_int("num_inference_steps", num_inference_steps)
+        _positive_int("num_images_per_prompt", num_images_per_prompt)
+        _finite("guidance_scale", guidance_scale)
+        _finite("guidance_rescale", guidance_rescale)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(CALLBACK_TENSORS)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must name some of {CALLBACK_TENSORS}, "
+                             f"got {sorted(unknown)}")
+        batch = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images "
+                             f"({len(prompts)} prompts x {num_images_per_prompt})")
+        f = self.vae_scale_factor
+        default = self.unet.config.sample_size * f
+        height = default if height is None else height
+        width = default if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            _positive_int(name, value)
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), "
+                             f"got {height}x{width}")
+        if latents is not None:
+            shape = (batch, self.unet.config.in_channels, height // f, width // f)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"latents must be a tensor of shape {shape} (prompts x num_images_per_prompt, "
+                                 f"latent channels, height/{f}, width/{f}), got {got}")
+        return prompts, negatives, height, width
+
     def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
         params = set(inspect.signature(self.scheduler.step).parameters)
         kwargs: dict[str, Any] = {}
@@ -126,28 +174,10 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             as in diffusers; tensors named in callback_on_step_end_tensor_inputs ("latents",
             "prompt_embeds", "noise_pred").
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt is empty")
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        prompts, negatives, height, width = self.check_inputs(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height, width,
+            num_images_per_prompt, generator, latents, output_type, callback_on_step_end_tensor_inputs)
         batch = len(prompts) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for {batch} images "
-                             f"({len(prompts)} prompts x {num_images_per_prompt})")
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, "
-                             f"got {height}x{width}")
         device = self._execution_device
         do_cfg = guidance_scale != 1.0
 
@@ -213,4 +243,25 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             f"{num_inference_steps} steps of the {type(self.scheduler).__name__} sampler; try another sampler "
             f"(pipe.set_sampler('dpm++'), or 'euler_a' for our NaN-safe Euler-ancestral), another "
             f"num_inference_steps, or float32 weights")
+
+
+def _strings(name: str, value) -> list[str]:
+    """A string or a non-empty list/tuple of strings, as a list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    got = f"an empty {type(value).__name__}" if isinstance(value, (list, tuple)) and not value else (
+        repr(value) if not isinstance(value, (list, tuple)) else "a list holding a non-string")
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {got}")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
