@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -118,3 +120,13 @@ def with_fixes(scheduler: SchedulerMixin) -> SchedulerMixin:
         return EulerAncestralScheduler.from_config(scheduler.config)
     return scheduler
 
+
+def set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, device: torch.device | str | None) -> None:
+    """`scheduler.set_timesteps`, without the DeprecationWarning numpy >= 2 raises on every call
+    for diffusers' Euler-ancestral and DPM-Solver: their `set_timesteps` call `np.array(tensor)`
+    and torch's `Tensor.__array__(dtype=None)` takes no `copy` argument. Only that warning is
+    silenced, only here; the values are unchanged."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
+        scheduler.set_timesteps(num_inference_steps, device=device)

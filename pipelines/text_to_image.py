@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.diffusion import classifier_free_guidance, rescale_guidance
-from ldm.schedulers import diffusers_class, make_sampler, with_fixes
+from ldm.schedulers import diffusers_class, make_sampler, set_timesteps, with_fixes
 from ldm.text import encode_tokens, tokenize, write_bpe_files
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -189,7 +189,7 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             prompt_embeds = torch.cat([uncond, cond])
 
         # 2. Initial noise x_T ~ N(0, sigma_max^2): (B*N, C, H/f, W/f).
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        set_timesteps(self.scheduler, num_inference_steps, device)
         timesteps = self.scheduler.timesteps
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)

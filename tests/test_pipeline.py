@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -225,3 +226,12 @@ def test_diffusers_euler_ancestral_nan_is_reported_not_returned(tiny_pipe):
     with pytest.raises(FloatingPointError, match="EulerAncestralDiscreteScheduler sampler; try another sampler"):
         tiny_pipe("a red circle", num_inference_steps=3, generator=gen(0))
 
+
+# ---------------------------------------------------------------- warnings (issue 19, item 15)
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_a_pipeline_call_warns_nothing(tiny_components, name):
+    """numpy >= 2 warned on every call (`np.array(tensor)` in diffusers' set_timesteps)."""
+    pipe = make_pipeline(tiny_components, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("a red circle", num_inference_steps=2, generator=gen(0))
