@@ -183,12 +183,18 @@ def _sources(functions: list) -> list[str]:
 
 
 def latent_items(dataset, resolution: int, buckets: Sequence[tuple[int, int]] | None = None,
-                 chunk: int = 256) -> list[tuple[str, Preprocess]]:
+                 chunk: int = 256, *, hashes: Sequence[str] | None = None) -> list[tuple[str, Preprocess]]:
     """(content hash, preprocessing) for every row of a `datasets.Dataset`, prepared as the
     uncached path prepares it (center crop, no flip): square at `resolution`, or with `buckets`
     (one (width, height) per row) the bucket's size. The hash is the data check's `image_hash`
-    column where there is one, else `content_hash` of the decoded image."""
-    if "image_hash" in dataset.column_names:
+    column where there is one, else `content_hash` of the decoded image; `hashes` (one per row)
+    replaces it (an in-memory cache, which lives for one run over one data set, may name a row
+    by its index)."""
+    if hashes is not None:
+        if len(hashes) != len(dataset):
+            raise ValueError(f"{len(hashes)} hashes for {len(dataset)} rows")
+        hashes = list(hashes)
+    elif "image_hash" in dataset.column_names:
         hashes = list(dataset["image_hash"])
     else:
         hashes = [content_hash(img) for start in range(0, len(dataset), chunk)
@@ -229,6 +235,9 @@ class EntryStore:
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
 
     def problem(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> str | None:
         """None for a valid entry, MISSING, or what is wrong. Reads the header only: safetensors
@@ -315,7 +324,7 @@ class EntryStore:
             if world_size > 1 and wait_for_everyone is not None:
                 wait_for_everyone()
         owned = set(mine)
-        left = [k for k in wanted if k not in owned and not self.path(k).exists()]
+        left = [k for k in wanted if k not in owned and not self.exists(k)]
         if left:
             logger.warning("%d cache entries other processes should have written are missing under %s; "
                            "computing them here", len(left), self.root)
@@ -343,22 +352,49 @@ class EntryStore:
         return len(keys)
 
 
+class MemoryStore(EntryStore):
+    """An `EntryStore` without a disk: entries live in a dict as long as the object, for one
+    process (`fill` computes every missing entry here, whatever `rank` and `world_size` say)."""
+
+    def __init__(self, tensor_name: str):
+        super().__init__("<memory>", tensor_name)
+        self.entries: dict[str, torch.Tensor] = {}
+
+    def exists(self, key: str) -> bool:
+        return key in self.entries
+
+    def problem(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> str | None:
+        return None if key in self.entries else MISSING  # `_make` checked the shape on the way in
+
+    def read(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return self.entries[key]
+
+    def write(self, key: str, tensor: torch.Tensor, info: dict[str, Any]) -> None:
+        self.entries[key] = tensor
+
+    def fill(self, wanted, compute, **kwargs) -> CacheStats:
+        return super().fill(wanted, compute, **{**kwargs, "rank": 0, "world_size": 1, "wait_for_everyone": None})
+
+
 # --------------------------------------------------------------------------------------------
 # Latents
 # --------------------------------------------------------------------------------------------
 class LatentCache:
     """Posterior moments (2C, H/f, W/f), float32, of a frozen diffusers `AutoencoderKL`.
 
+    cache_dir: None keeps the entries in memory, for this object's life and this process only
+    (`MemoryStore`): the same encoding, batches and training view, without a disk.
     settings: anything besides the weights that changes the encoding (e.g. {"autocast": "bf16"}).
     """
 
     dtype = torch.float32
 
-    def __init__(self, cache_dir: str | Path, vae, *, settings: dict[str, Any] | None = None):
+    def __init__(self, cache_dir: str | Path | None, vae, *, settings: dict[str, Any] | None = None):
         self.vae = vae
-        self.model_id = weights_hash(vae)
+        # In memory nothing outlives the weights: no need to hash them.
+        self.model_id = weights_hash(vae) if cache_dir is not None else "in-memory"
         self.settings = dict(settings or {})
-        self.store = EntryStore(Path(cache_dir) / "latents", "moments")
+        self.store = EntryStore(Path(cache_dir) / "latents", "moments") if cache_dir is not None else MemoryStore("moments")
         self.channels = 2 * vae.config.latent_channels  # mean and logvar
         self.factor = vae_scale_factor(vae.config)
 
@@ -532,7 +568,7 @@ class TextEmbeddingCache:
         for caption, (key, _) in zip(captions, self.keys(captions)):
             tensor = self._memory.get(key)
             if tensor is None:
-                if not self.store.path(key).exists():
+                if not self.store.exists(key):
                     raise KeyError(f"caption {caption[:60]!r} is not in the text cache {self.store.root}; "
                                    "pass it to ensure() first")
                 tensor = self.store.read(key, self._shape(caption), self.dtype)

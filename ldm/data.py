@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 
 from ldm import datacheck
-from ldm.buckets import assign_bucket, make_buckets, resize_and_crop, to_tensor
+from ldm.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_and_crop, to_tensor
 from ldm.datacheck import DEFAULT_MAX_IMAGE_PIXELS, SUPPORTED_MODES
 from ldm.errors import UsageError
 
@@ -244,41 +245,6 @@ class Indexed(torch.utils.data.Dataset):
         return {**self.dataset[i], "index": i}
 
 
-@torch.no_grad()
-def encode_dataset(vae, dataset, resolution: int, batch_size: int = 128,
-                   should_stop: Callable[[], None] | None = None,
-                   buckets: list[tuple[int, int]] | None = None) -> CachedLatents:
-    """Encode every image once (center crop, no flip: the only transform a cache can hold), at
-    `resolution` or, with `buckets` (one (width, height) per image), at its bucket's size.
-    `should_stop` is called before each batch and may raise to abandon the work."""
-    square = image_transform(resolution, center_crop=True, random_flip=False)
-
-    def prepare(img: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
-        if bucket is None:
-            return square(to_rgb(img))
-        return to_tensor(resize_and_crop(to_rgb(img), bucket)[0])
-
-    if buckets is None:
-        buckets = [None] * len(dataset)
-    groups: dict[tuple[int, int] | None, list[int]] = {}
-    for i, bucket in enumerate(buckets):
-        groups.setdefault(bucket, []).append(i)
-    moments: list[torch.Tensor | None] = [None] * len(dataset)
-    for bucket, indices in groups.items():
-        for start in range(0, len(indices), batch_size):
-            if should_stop is not None:
-                should_stop()
-            chunk = indices[start : start + batch_size]
-            images = dataset[chunk]["image"]
-            pixels = torch.stack([prepare(img, bucket) for img in images])
-            encoded = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float().cpu()
-            for i, m in zip(chunk, encoded):  # (2C, h, w) each
-                moments[i] = m
-    captions = list(dataset["text"])
-    stacked = torch.stack(moments) if len(groups) == 1 else moments
-    return CachedLatents(stacked, captions)
-
-
 def bucket_sizes(dataset, resolution: int, divisor: int, no_upscale: bool = False) -> list[tuple[int, int]]:
     """Each image's aspect-ratio bucket (`ldm.buckets`), from the width / height the data check recorded."""
     buckets = make_buckets(resolution, divisor)
@@ -311,3 +277,52 @@ class BucketedImages(torch.utils.data.Dataset):
 def collate_latents(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"moments": torch.stack([e["moments"] for e in examples]), "text": [e["text"] for e in examples],
             "index": torch.tensor([e["index"] for e in examples])}
+
+
+def training_dataloader(dataset, *, resolution: int, batch_size: int, seed: int, vae=None,
+                        bucket_divisor: int | None = None, bucket_no_upscale: bool = False,
+                        cache_latents: bool = False, cache_dir: str | None = None, cache_in_memory: bool = True,
+                        center_crop: bool = True, random_flip: bool = False, num_workers: int = 0,
+                        rank: int = 0, world_size: int = 1, wait_for_everyone: Callable[[], None] | None = None,
+                        should_stop: Callable[[], None] | None = None
+                        ) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler | None]:
+    """The training batches of a captioned `datasets.Dataset`: (loader, bucket sampler or None).
+
+    Batches hold "text" (caption cells), "index" (the row: the key of its random draws) and either
+    "pixel_values" (B, 3, H, W) in [-1, 1] or, with latents cached, "moments" (B, 2C, h, w).
+    - bucket_divisor: aspect-ratio buckets (`ldm.buckets`) with sides multiples of it, batches of
+      one bucket from a `BucketBatchSampler` already sharded for process `rank` of `world_size`
+      (wrap the loader with accelerate's `prepare_data_loader`, not `accelerator.prepare`). None:
+      square images and a shuffle seeded with `seed`, for `accelerator.prepare` to shard.
+    - cache_latents: the frozen `vae` encodes every image once (`ldm.cache.LatentCache`: on disk
+      under `cache_dir`, shared between runs and processes, or in memory without one). Only when
+      the transform is fixed (center_crop and no random_flip); otherwise images are transformed
+      on the fly. `should_stop` is called before each batch of encoding and may raise.
+    """
+    from ldm.cache import LatentCache, latent_items  # ldm.cache builds on this module
+
+    buckets = None  # each image's (width, height)
+    if bucket_divisor is not None:
+        buckets = bucket_sizes(dataset, resolution, bucket_divisor, bucket_no_upscale)
+        logger.info("aspect buckets (width x height: images): %s", dict(Counter(f"{w}x{h}" for w, h in buckets)))
+    if cache_latents and center_crop and not random_flip:
+        cache = LatentCache(cache_dir, vae)
+        # On disk an image is known by its content; in memory (one run, one data set) by its row.
+        rows = None if cache_dir else [str(i) for i in range(len(dataset))]
+        items = latent_items(dataset, resolution, buckets, hashes=rows)
+        stats = cache.ensure(items, lambda idx: dataset[idx]["image"], batch_size=128, rank=rank,
+                             world_size=world_size, wait_for_everyone=wait_for_everyone, should_stop=should_stop)
+        logger.info("latent cache: %s", stats)
+        dataset = cache.dataset(items, list(dataset["text"]), in_memory=cache_in_memory or not cache_dir)
+        collate_fn = collate_latents
+    elif buckets:
+        dataset, collate_fn = BucketedImages(dataset, buckets, center_crop, random_flip), collate
+    else:
+        dataset = Indexed(dataset.with_transform(make_batch_transform(resolution, center_crop, random_flip)))
+        collate_fn = collate
+    if buckets:
+        sampler = BucketBatchSampler(buckets, batch_size, seed=seed, num_replicas=world_size, rank=rank)
+        return torch.utils.data.DataLoader(dataset, collate_fn=collate_fn, num_workers=num_workers,
+                                           batch_sampler=sampler), sampler
+    return torch.utils.data.DataLoader(dataset, collate_fn=collate_fn, num_workers=num_workers, batch_size=batch_size,
+                                       shuffle=True, generator=torch.Generator().manual_seed(seed)), None

@@ -14,7 +14,7 @@ from ldm.buckets import resize_and_crop, to_tensor
 from ldm.cache import (LatentCache, Preprocess, TextEmbeddingCache, content_hash, latent_items, unique_captions,
                        weights_hash)
 from ldm.config import model_preset
-from ldm.data import CachedLatents, collate_latents, encode_dataset, image_transform
+from ldm.data import CachedLatents, collate_latents, image_transform, training_dataloader
 from ldm.synthetic import make_examples
 from ldm.text import build_clip_tokenizer, encode_tokens, tokenize
 
@@ -73,15 +73,23 @@ def test_miss_then_hit_and_moments_equal_a_fresh_encode(vae, images, tmp_path):
     assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == 12
     assert not list((tmp_path / "latents").rglob("*.tmp"))
 
-    # Exactly the in-memory encode's moments (same batches), and the same items / batches.
-    reference = encode_dataset(vae, make_dataset_from(imgs, captions), R, batch_size=4)
+    # Exactly the VAE's posterior parameters of the training transform (same batches of 4), and
+    # exactly what the cache without a disk gives.
+    square = image_transform(R, center_crop=True, random_flip=False)
+    with torch.no_grad():
+        reference = torch.cat([vae.encode(torch.stack([square(im) for im in imgs[k : k + 4]])).latent_dist.parameters
+                               for k in range(0, 12, 4)])
     cache = LatentCache(tmp_path, vae)
     ds = cache.dataset(items, captions)
     assert isinstance(ds, CachedLatents) and ds.moments.shape == (12, 8, 16, 16)  # (N, 2C, R/2, R/2)
-    assert torch.equal(ds.moments, reference.moments)
+    assert torch.equal(ds.moments, reference)
+    memory = LatentCache(None, vae)
+    stats, counter = fill(memory, items, imgs)
+    assert (stats.misses, counter.images) == (12, 12)
+    assert torch.equal(memory.dataset(items, captions).moments, reference)
     lazy = cache.dataset(items, captions, in_memory=False)
     batch = collate_latents([lazy[i] for i in range(3)])
-    assert torch.equal(batch["moments"], reference.moments[:3])
+    assert torch.equal(batch["moments"], reference[:3])
     assert batch["text"] == captions[:3] and batch["index"].tolist() == [0, 1, 2]
 
 
@@ -235,6 +243,27 @@ def test_latent_items_use_the_data_checks_hash_or_the_pixels(images):
     with_hash = ds.add_column("image_hash", [f"{i:064x}" for i in range(len(ds))])
     items = latent_items(with_hash, R, buckets=[(32, 16)] * len(ds))
     assert items[3] == (f"{3:064x}", Preprocess((32, 16), resize="cover"))
+
+
+def test_training_dataloader_caches_on_disk_or_in_memory_alike(vae, images, tmp_path):
+    """--cache_latents with and without --cache_dir: the same moments, batches and order; a row of
+    the in-memory cache is named by its index, so nothing is hashed and duplicates stay rows."""
+    imgs, captions = images
+    ds = make_dataset_from(imgs + imgs[:1], captions + captions[:1])  # a duplicate image
+    common = dict(resolution=R, batch_size=5, seed=3, vae=vae, cache_latents=True)
+    disk, _ = training_dataloader(ds, cache_dir=str(tmp_path), **common)
+    memory, sampler = training_dataloader(ds, **common)
+    assert sampler is None
+    a, b = list(disk), list(memory)
+    assert [x["index"].tolist() for x in a] == [x["index"].tolist() for x in b]
+    assert sorted(i for x in b for i in x["index"].tolist()) == list(range(13))
+    for x, y in zip(a, b):
+        assert x["text"] == y["text"]
+        torch.testing.assert_close(x["moments"], y["moments"], rtol=0, atol=1e-4)  # batch rounding only
+    assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == 12  # the duplicate: one entry
+    pixels, _ = training_dataloader(ds, **{**common, "cache_latents": False})
+    first = next(iter(pixels))
+    assert first["pixel_values"].shape == (5, 3, R, R) and first["index"].tolist() == a[0]["index"].tolist()
 
 
 # -------------------------------------------------------------------------------- text

@@ -14,7 +14,6 @@ import logging
 import math
 import shutil
 import sys
-from collections import Counter
 from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch training/train_ldm.py` runs this as a file
@@ -34,10 +33,8 @@ from tqdm.auto import tqdm
 from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
 from ldm.config import TrainConfig, model_preset, resolve_train_config, save_config
-from ldm.buckets import BucketBatchSampler
-from ldm.cache import LatentCache, TextEmbeddingCache, latent_items
-from ldm.data import (BucketedImages, Indexed, bucket_sizes, collate, collate_latents, encode_dataset,
-                      load_captioned_dataset, make_batch_transform, pick_caption)
+from ldm.cache import TextEmbeddingCache
+from ldm.data import load_captioned_dataset, pick_caption, training_dataloader
 from ldm.diffusion import (add_noise, annealed_multiplier, gather, min_snr_weight, offset_noise, perturb_noise,
                            snr, timestep_probabilities, training_target)
 from ldm.draws import categorical, randn, sample_generators
@@ -147,50 +144,29 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.max_train_samples:
         dataset = dataset.select(range(min(cfg.max_train_samples, len(dataset))))
     data_id = ckpt.data_fingerprint(dataset)
-    buckets = None  # with --aspect_buckets: each image's (width, height), batches of one bucket
-    if cfg.aspect_buckets:  # sides divisible by the VAE's and the U-Net's downsampling
-        buckets = bucket_sizes(dataset, resolution, image_size_divisor(vae.config, unet.config), cfg.bucket_no_upscale)
-        logger.info("aspect buckets (width x height: images): %s", dict(Counter(f"{w}x{h}" for w, h in buckets)))
-    cells, text_cache = list(dataset["text"]), None  # caption cells, before latents replace the images
     procs = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                  wait_for_everyone=accelerator.wait_for_everyone, should_stop=stop.check)
-    caching = cfg.cache_latents and cfg.center_crop and not cfg.random_flip  # the VAE is frozen: encode once
+    vae.to(accelerator.device)  # frozen: encodes the cached latents, or each batch in the loop
+    text_cache = None
     try:
-        if caching and cfg.cache_dir:  # on disk, keyed by image content, VAE weights and preprocessing
-            vae.to(accelerator.device)
-            items, source, latent_cache = latent_items(dataset, resolution, buckets), dataset, LatentCache(cfg.cache_dir, vae)
-            logger.info("latent cache: %s", latent_cache.ensure(items, lambda idx: source[idx]["image"], batch_size=128, **procs))
-            dataset = latent_cache.dataset(items, cells, in_memory=cfg.cache_in_memory)
-        elif caching:
-            vae.to(accelerator.device)
-            dataset = encode_dataset(vae, dataset, resolution, should_stop=stop.check, buckets=buckets)
+        dataloader, sampler = training_dataloader(
+            dataset, resolution=resolution, batch_size=cfg.train_batch_size, seed=cfg.seed, vae=vae,
+            bucket_divisor=image_size_divisor(vae.config, unet.config) if cfg.aspect_buckets else None,
+            bucket_no_upscale=cfg.bucket_no_upscale, cache_latents=cfg.cache_latents, cache_dir=cfg.cache_dir,
+            cache_in_memory=cfg.cache_in_memory, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+            num_workers=cfg.dataloader_num_workers, **procs)
         if cfg.cache_dir and cfg.cache_text_embeddings and not train_te:  # frozen: each caption encoded once
             text_encoder.to(accelerator.device, dtype=weight_dtype)
             text_cache = TextEmbeddingCache(cfg.cache_dir, text_encoder, tokenizer, in_memory=cfg.cache_in_memory,
                                             settings={"autocast": accelerator.mixed_precision})
             with accelerator.autocast():  # as the prepared encoder runs in the loop
-                logger.info("text cache: %s", text_cache.ensure(cells, **procs))
+                logger.info("text cache: %s", text_cache.ensure(list(dataset["text"]), **procs))
     except StopRequested:
         pass
     if stop.agreed(accelerator):  # nothing trained yet: nothing to save
         logger.warning("stopped while caching latents (before step 1); nothing to save")
         stop.restore()
         return out
-    if caching:
-        collate_fn = collate_latents
-    elif buckets:
-        dataset, collate_fn = BucketedImages(dataset, buckets, cfg.center_crop, cfg.random_flip), collate
-    else:
-        dataset = Indexed(dataset.with_transform(make_batch_transform(resolution, cfg.center_crop, cfg.random_flip)))
-        collate_fn = collate
-    # Bucketed batches come from our own sampler, already sharded by process (accelerate leaves
-    # that loader alone); otherwise accelerate shards a seeded shuffle.
-    sampler = BucketBatchSampler(buckets, cfg.train_batch_size, seed=cfg.seed, num_replicas=accelerator.num_processes,
-                                 rank=accelerator.process_index) if buckets else None
-    dataloader = torch.utils.data.DataLoader(
-        dataset, collate_fn=collate_fn, num_workers=cfg.dataloader_num_workers,
-        **({"batch_sampler": sampler} if sampler else
-           {"batch_size": cfg.train_batch_size, "shuffle": True, "generator": torch.Generator().manual_seed(cfg.seed)}))
 
     # ---------------------------------------------------------------- 3. optimizer
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
