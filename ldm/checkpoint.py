@@ -206,6 +206,90 @@ def drift(saved: dict, current: dict) -> list[tuple[str, str]]:
             for k in keys if saved.get(k) != current.get(k)]
 
 
+def run_fingerprint(cfg: Any, model_cfg: Any, *, world_size: int, zero_terminal_snr: bool | None,
+                    pretrained_vae: str | None, prediction_type: str, trained: list[str], data: str) -> dict:
+    """What defines a training run (`cfg`: a TrainConfig, `model_cfg`: its ModelConfig), saved in
+    every checkpoint's marker and compared on resume (`check_drift`). trained: the names of the
+    trained modules ("unet", "text_encoder"); data: `data_fingerprint` of the data set."""
+    train_te = "text_encoder" in trained
+    frozen_token_embedding = train_te and not cfg.train_token_embedding
+    return {
+        "global_batch": cfg.train_batch_size * world_size * cfg.gradient_accumulation_steps,
+        "world_size": world_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "resolution": model_cfg.resolution, "max_train_steps": cfg.max_train_steps, "learning_rate": cfg.learning_rate,
+        "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps, "seed": cfg.seed,
+        "objective": [cfg.snr_gamma, cfg.noise_offset, cfg.input_perturbation, zero_terminal_snr],
+        "model": model_fingerprint(model_cfg, cfg.pretrained_model_name_or_path, pretrained_vae, prediction_type,
+                                   train_te, *(["token embedding frozen"] if frozen_token_embedding else [])),
+        "data": data, **({"lora": [cfg.lora_rank, cfg.lora_alpha]} if cfg.lora_rank else {}),
+        **({"aspect_buckets": [cfg.aspect_buckets, cfg.bucket_no_upscale]} if cfg.aspect_buckets else {}),
+        **({"train_dtype": cfg.train_dtype} if cfg.train_dtype != "float32" else {}),
+    }
+
+
+def check_drift(path: Path, fingerprint: dict, allow_config_drift: bool = False) -> list[str]:
+    """Compare the fingerprint saved in checkpoint `path` with this run's: a change of a key in
+    STRICT_KEYS raises (unless `allow_config_drift`), naming each change; returns the lines of
+    every change (for a warning each)."""
+    changed = drift(read_marker(path).get("fingerprint", {}), fingerprint)
+    strict = [line for key, line in changed if key in STRICT_KEYS]
+    if strict and not allow_config_drift:
+        raise ValueError(f"refusing to resume from {path}: this run differs from the one that saved it\n  "
+                         + "\n  ".join(strict) + "\n(pass --allow_config_drift to resume anyway)")
+    return [line for _, line in changed]
+
+
+def save(accelerator: Any, output_dir: str | Path, step: int, fingerprint: dict, modules: dict[str, Any],
+         emas: dict[str, EMAModel], keep: int | None = None) -> None:
+    """Every process: write checkpoint `step` of a run (accelerate's state of the prepared models,
+    optimizer, LR schedule, samplers and RNGs; the EMAs as safetensors) into its temp folder,
+    commit it (marker last, then rename) and rotate to the `keep` newest. Refuses NaN / Inf in
+    `modules` or the EMAs before writing anything."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = temp_dir(final)
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # a leftover from a run killed mid-save
+    check_finite({**modules, **{f"ema_{n}": e.shadow_params for n, e in emas.items()}})
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        for name, ema in emas.items():
+            save_ema(ema, tmp / f"ema_{name}.safetensors")
+        commit(final, step, fingerprint)
+        removed = rotate(output_dir, keep)
+        logger.info("saved %s%s", final, f", removed {[p.name for p in removed]}" if removed else "")
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Any, output_dir: str | Path, resume_from: str | None, fingerprint: dict,
+           emas: dict[str, EMAModel], *, allow_config_drift: bool = False) -> int | None:
+    """Every process: `--resume_from_checkpoint` (`resolve_resume`) -> the step resumed from, with
+    the state and EMAs loaded; None for a fresh start. A checkpoint of another run is refused
+    (`check_drift`); other changed settings are logged (main process)."""
+    found = resolve_resume(output_dir, resume_from)
+    main = accelerator.is_main_process
+    if found is None:
+        if resume_from and main:
+            logger.info("no complete checkpoint under %s; starting from scratch", output_dir)
+        return None
+    step, path = found
+    for line in check_drift(path, fingerprint, allow_config_drift):
+        if main:
+            logger.warning("resuming with a changed setting: %s", line)
+    load(accelerator, path, emas)
+    if main:
+        logger.info("resumed from %s (step %d)", path, step)
+    return step
+
+
+def load(accelerator: Any, path: Path, emas: dict[str, EMAModel]) -> None:
+    """Every process: restore a checkpoint `save` wrote (pickles checked first, `check_pickles`)."""
+    check_pickles(path, accelerator.process_index)
+    accelerator.load_state(str(path))
+    for name, ema in emas.items():
+        load_ema(ema, path / f"ema_{name}.safetensors")
+
+
 def rotate(output_dir: str | Path, keep: int | None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond `keep` (never the newest). Main process only."""
     if not keep or keep < 1:

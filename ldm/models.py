@@ -231,6 +231,54 @@ def components_for_training(cfg: ModelConfig, *, pretrained: str | None, pretrai
     return comps
 
 
+def training_dtypes(mixed_precision: str, train_dtype: str) -> tuple[torch.dtype, torch.dtype]:
+    """(weight dtype, train dtype). Frozen parts run in the mixed-precision dtype; without mixed
+    precision everything trained and frozen is in `train_dtype` (float64 only for numerical
+    checks, e.g. 1 vs 2 processes)."""
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
+    train = {"float32": torch.float32, "float64": torch.float64}[train_dtype]
+    if half is not None and train != torch.float32:
+        raise ValueError(f"--train_dtype {train_dtype} needs --mixed_precision no, got {mixed_precision}")
+    return half or train, train
+
+
+def prepare_for_training(comps: Components, *, train_text_encoder: bool | None, train_token_embedding: bool,
+                         lora_rank: int | None, lora_alpha: float | None, weight_dtype: torch.dtype,
+                         train_dtype: torch.dtype, gradient_checkpointing: bool) -> dict[str, torch.nn.Module]:
+    """Set the components up for training, in place; returns the trained modules by name ("unet",
+    and "text_encoder" when it is trained): what the optimizer and the EMA hold.
+
+    The VAE is frozen. A text encoder built from scratch is trained jointly (as in the LDM paper),
+    a pretrained one stays frozen (`train_text_encoder` None), else as asked; its token embedding
+    table stays frozen unless `train_token_embedding`. With `lora_rank`, only adapters are trained
+    (float32), on a frozen base in `weight_dtype`. Trained modules are cast to `train_dtype` when
+    it is not float32."""
+    from ldm.lora import add_lora
+
+    unet, text_encoder = comps.unet, comps.text_encoder
+    train_te = (not comps.text_encoder_pretrained) if train_text_encoder is None else train_text_encoder
+    comps.vae.requires_grad_(False)
+    text_encoder.requires_grad_(train_te)
+    if train_te and not train_token_embedding:
+        text_encoder.get_input_embeddings().requires_grad_(False)
+    if lora_rank:
+        unet.to(dtype=weight_dtype)
+        add_lora(unet, lora_rank, lora_alpha)
+        if train_te:
+            text_encoder.to(dtype=weight_dtype)
+            add_lora(text_encoder, lora_rank, lora_alpha)
+    if train_dtype != torch.float32:
+        unet.to(dtype=train_dtype)
+        text_encoder.to(dtype=train_dtype)
+    unet.train()
+    text_encoder.train(train_te)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+    return {"unet": unet, "text_encoder": text_encoder} if train_te else {"unet": unet}
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

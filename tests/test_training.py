@@ -215,8 +215,12 @@ def test_two_process_cpu_launch(tmp_path):
     assert info["num_processes"] == 2, proc.stderr[-2000:]
     assert info["global_step"] == 4
     assert "global batch 8" in proc.stderr
-    assert TextToImagePipeline.from_pretrained(out).unet is not None
     assert (out / "checkpoints" / "checkpoint-4" / "random_states_1.pkl").exists()  # rank 1's RNG too
+    # The saved pipeline loads, and its U-Net is the EMA of the last step, as checkpointed there.
+    unet = TextToImagePipeline.from_pretrained(out).unet
+    ema = load_file(str(out / "checkpoints" / "checkpoint-4" / "ema_unet.safetensors"))
+    params = list(unet.parameters())
+    assert len(ema) == len(params) and all(torch.equal(ema[f"shadow.{i}"], p) for i, p in enumerate(params))
 
 
 def test_tiny_model_overfits_one_batch():
@@ -241,6 +245,31 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+def test_prepare_for_training_trains_what_it_returns():
+    from ldm.models import prepare_for_training, training_dtypes
+
+    kw = dict(train_token_embedding=False, lora_alpha=None, train_dtype=torch.float32, gradient_checkpointing=False)
+    c = build_components(model_preset("tiny"), seed=0)  # built from scratch: text encoder trained jointly
+    trained = prepare_for_training(c, train_text_encoder=None, lora_rank=None, weight_dtype=torch.float32, **kw)
+    assert list(trained) == ["unet", "text_encoder"] and trained["unet"] is c.unet
+    assert not any(p.requires_grad for p in c.vae.parameters())
+    assert [n for n, p in c.text_encoder.named_parameters() if not p.requires_grad] == [
+        "embeddings.token_embedding.weight"]  # the table stays as initialised
+    assert all(p.requires_grad for p in c.unet.parameters()) and c.unet.training and c.text_encoder.training
+
+    c = build_components(model_preset("tiny"), seed=0)
+    c.text_encoder_pretrained = True  # a pretrained encoder stays frozen; LoRA: adapters only, in float32
+    trained = prepare_for_training(c, train_text_encoder=None, lora_rank=2, weight_dtype=torch.bfloat16, **kw)
+    assert list(trained) == ["unet"] and not any(p.requires_grad for p in c.text_encoder.parameters())
+    names = {n: p for n, p in c.unet.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n and p.dtype == torch.float32 for n, p in names.items())
+    assert c.unet.conv_in.weight.dtype == torch.bfloat16
+    assert training_dtypes("bf16", "float32") == (torch.bfloat16, torch.float32)
+    assert training_dtypes("no", "float64") == (torch.float64, torch.float64)
+    with pytest.raises(ValueError, match="--train_dtype float64 needs --mixed_precision no"):
+        training_dtypes("fp16", "float64")
 
 
 def test_adamw_is_fused_on_cpu_and_8bit_adam_says_how_to_install():

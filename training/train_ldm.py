@@ -2,17 +2,17 @@
 
     accelerate launch --config_file accelerate_config.yaml training/train_ldm.py [--flags]
 
-Read top to bottom: config -> models -> data -> optimizer -> loop (encode, noise, predict,
-loss, step, EMA, log, checkpoint, validate) -> save the pipeline in diffusers layout.
+Read top to bottom: config -> models -> data -> optimizer -> resume -> loop (encode, noise,
+predict, loss, step, EMA, log, checkpoint, validate) -> save the pipeline in diffusers layout.
+The setup each step needs lives in `ldm/` (models, data, checkpoint, trace); the loop is here.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,20 +32,22 @@ from tqdm.auto import tqdm
 
 from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
-from ldm.config import TrainConfig, model_preset, resolve_train_config, save_config
 from ldm.cache import TextEmbeddingCache
+from ldm.config import ModelConfig, TrainConfig, model_preset, resolve_train_config, save_config
 from ldm.data import load_captioned_dataset, pick_caption, training_dataloader
 from ldm.diffusion import (add_noise, annealed_multiplier, gather, min_snr_weight, offset_noise, perturb_noise,
                            snr, timestep_probabilities, training_target)
 from ldm.draws import categorical, randn, sample_generators
+from ldm.evaluation import evaluate_pipeline, held_out_cases, save_report, summary
 from ldm.images import image_grid
-from ldm.lora import add_lora, save_lora, trainable_parameters
-from ldm.models import components_for_training, count_parameters, image_size_divisor, with_resolution
+from ldm.lora import save_lora, trainable_parameters
+from ldm.models import (components_for_training, count_parameters, image_size_divisor, prepare_for_training,
+                        training_dtypes, with_resolution)
 from ldm.runtime import GracefulStop, StopRequested, make_adamw, use_cpu_cores
 from ldm.schedulers import make_sampler, training_scheduler
 from ldm.text import drop_captions, encode_tokens, tokenize
+from ldm.trace import StepTrace
 from pipelines import TextToImagePipeline
-from ldm.evaluation import evaluate_pipeline, held_out_cases, save_report, summary
 
 logger = get_logger("train_ldm")
 
@@ -58,9 +60,45 @@ def all_finite(loss: torch.Tensor, accelerator: Accelerator) -> bool:
     return bad.item() == 0
 
 
-def main(argv: list[str] | None = None) -> Path:
-    cfg: TrainConfig = resolve_train_config(argv)
-    model_cfg = with_resolution(model_preset(cfg.preset), cfg.resolution)
+@contextlib.contextmanager
+def ema_weights(emas: dict[str, EMAModel], modules: dict[str, torch.nn.Module]):
+    """The EMA weights in place of the trained ones inside the block; the trained ones after."""
+    for name, ema in emas.items():
+        ema.store(trainable_parameters(modules[name]))
+        ema.copy_to(trainable_parameters(modules[name]))
+    try:
+        yield
+    finally:
+        for name, ema in emas.items():
+            ema.restore(trainable_parameters(modules[name]))
+
+
+def validate(pipe: TextToImagePipeline, cfg: TrainConfig, accelerator: Accelerator, step: int, *, resolution: int,
+             half: torch.dtype | None, stop: GracefulStop) -> None:
+    """A grid of the validation prompts (rows: prompts) at samples/step_<step>.png."""
+    n = cfg.num_validation_images
+    gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts) * n)]
+    try:
+        with torch.autocast(accelerator.device.type, enabled=half is not None, dtype=half):
+            images = pipe(cfg.validation_prompts, num_images_per_prompt=n, generator=gens,
+                          num_inference_steps=cfg.validation_inference_steps,
+                          guidance_scale=cfg.validation_guidance_scale, height=resolution, width=resolution,
+                          callback_on_step_end=lambda *args: stop.check() or {}).images
+    except StopRequested:
+        logger.warning("validation at step %d interrupted by the stop request", step)
+        return
+    (Path(cfg.output_dir) / "samples").mkdir(exist_ok=True)
+    grid = image_grid(images, cols=n)
+    grid.save(Path(cfg.output_dir) / "samples" / f"step_{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+
+
+def start(cfg: TrainConfig, model_cfg: ModelConfig) -> Accelerator:
+    """The run's Accelerator, logging, CPU threads, and its resolved configs in the output folder."""
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -81,15 +119,48 @@ def main(argv: list[str] | None = None) -> Path:
         use_cpu_cores(accelerator.num_processes, cfg.cpu_threads)
     logger.info("processes: %d, device: %s (%d threads), mixed precision: %s", accelerator.num_processes,
                 accelerator.device, torch.get_num_threads(), accelerator.mixed_precision)
+    return accelerator
+
+
+def cache_text(cfg: TrainConfig, accelerator: Accelerator, text_encoder, tokenizer, cells: list,
+               procs: dict) -> TextEmbeddingCache:
+    """A frozen text encoder's output for every caption of `cells`, encoded once into --cache_dir."""
+    text_cache = TextEmbeddingCache(cfg.cache_dir, text_encoder, tokenizer, in_memory=cfg.cache_in_memory,
+                                    settings={"autocast": accelerator.mixed_precision})
+    with accelerator.autocast():  # as the prepared encoder runs in the loop
+        logger.info("text cache: %s", text_cache.ensure(cells, **procs))
+    return text_cache
+
+
+def save_pipeline(pipe: TextToImagePipeline, cfg: TrainConfig, *, train_te: bool, run_info: dict) -> None:
+    """The trained model in diffusers layout (with --lora_rank: the adapters alone), the held-out
+    score on the built-in data (eval/), and run_info.json."""
+    out = Path(cfg.output_dir)
+    if cfg.lora_rank:  # the adapters alone (small); load with pipe.load_lora_weights(out)
+        save_lora(out, pipe.unet, pipe.text_encoder if train_te else None,
+                  info={"base_model": cfg.pretrained_model_name_or_path, "rank": cfg.lora_rank,
+                        "alpha": cfg.lora_alpha or cfg.lora_rank})
+    else:
+        pipe.save_pretrained(out)
+    if cfg.eval_images_per_case and not (cfg.train_data_dir or cfg.dataset_name):
+        report, images = evaluate_pipeline(pipe, held_out_cases(), images_per_case=cfg.eval_images_per_case,
+                                           guidance_scale=cfg.validation_guidance_scale, seed=cfg.seed)
+        path = save_report(report, images, out / "eval", cfg.eval_images_per_case)
+        logger.info("held-out compositions: %s -> %s", summary(report), path)
+        print(f"held-out compositions: {summary(report)}")
+    (out / "run_info.json").write_text(json.dumps({**run_info, "torch": torch.__version__}, indent=2) + "\n")
+    logger.info("saved pipeline to %s", out)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg: TrainConfig = resolve_train_config(argv)
+    model_cfg = with_resolution(model_preset(cfg.preset), cfg.resolution)
+    out = Path(cfg.output_dir)
+    accelerator = start(cfg, model_cfg)
 
     # ---------------------------------------------------------------- 1. models
-    # Frozen parts run in the mixed-precision dtype; without mixed precision everything trained
-    # and frozen is in --train_dtype (float64 only for numerical checks, e.g. 1 vs 2 processes).
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
-    train_dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.train_dtype]
-    if half is not None and train_dtype != torch.float32:
-        raise ValueError(f"--train_dtype {cfg.train_dtype} needs --mixed_precision no, got {accelerator.mixed_precision}")
-    weight_dtype = half or train_dtype
+    weight_dtype, train_dtype = training_dtypes(accelerator.mixed_precision, cfg.train_dtype)
+    half = weight_dtype if weight_dtype in (torch.float16, torch.bfloat16) else None
     set_seed(cfg.seed)  # same initial weights on every process
     pretrained_vae = cfg.pretrained_vae_name_or_path
     if pretrained_vae is None and not cfg.pretrained_model_name_or_path:
@@ -102,65 +173,41 @@ def main(argv: list[str] | None = None) -> Path:
     # x_t is drawn from this schedule (zero-terminal-SNR rescale applied), and SNR weights from its alphas
     noise_scheduler = training_scheduler(comps.noise_scheduler.config, zero_terminal_snr=cfg.zero_terminal_snr)
     prediction_type = noise_scheduler.config.prediction_type
-    # A text encoder built from scratch is trained jointly (as in the LDM paper); a pretrained
-    # one stays frozen unless --train_text_encoder.
-    train_te = (not comps.text_encoder_pretrained) if cfg.train_text_encoder is None else cfg.train_text_encoder
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(train_te)
-    frozen_token_embedding = train_te and not cfg.train_token_embedding
-    if frozen_token_embedding:
-        text_encoder.get_input_embeddings().requires_grad_(False)
-    if cfg.lora_rank:  # adapters only (float32); the frozen base in the compute dtype
-        unet.to(dtype=weight_dtype)
-        add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
-        if train_te:
-            text_encoder.to(dtype=weight_dtype)
-            add_lora(text_encoder, cfg.lora_rank, cfg.lora_alpha)
-    if train_dtype != torch.float32:
-        unet.to(dtype=train_dtype)
-        text_encoder.to(dtype=train_dtype)
-    unet.train()
-    text_encoder.train(train_te)
+    trained = prepare_for_training(comps, train_text_encoder=cfg.train_text_encoder,
+                                   train_token_embedding=cfg.train_token_embedding, lora_rank=cfg.lora_rank,
+                                   lora_alpha=cfg.lora_alpha, weight_dtype=weight_dtype, train_dtype=train_dtype,
+                                   gradient_checkpointing=cfg.gradient_checkpointing)  # name -> module
+    train_te = "text_encoder" in trained
     configure_attention([unet, vae], cfg.attention_backend, accelerator.device)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if train_te:
-            text_encoder.gradient_checkpointing_enable()
     logger.info("parameters: unet %.2fM, vae %.2fM (frozen), text encoder %.2fM (%s); prediction: %s",
                 count_parameters(unet) / 1e6, count_parameters(vae) / 1e6,
                 count_parameters(text_encoder) / 1e6, "trained" if train_te else "frozen", prediction_type)
-    ema_models = {"unet": unet, "text_encoder": text_encoder} if train_te else {"unet": unet}
     emas = {name: EMAModel(trainable_parameters(m), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
-            for name, m in ema_models.items()} if cfg.use_ema else {}
+            for name, m in trained.items()} if cfg.use_ema else {}
 
     # ---------------------------------------------------------------- 2. data
     stop = GracefulStop()  # SIGTERM / SIGINT: checkpoint at the next step boundary, exit 0
-    resolution = model_cfg.resolution
     dataset = load_captioned_dataset(
         train_data_dir=cfg.train_data_dir, dataset_name=cfg.dataset_name, image_column=cfg.image_column,
         caption_column=cfg.caption_column, builtin_num_images=cfg.builtin_num_images,
-        resolution=resolution, seed=cfg.seed, on_bad_data=cfg.on_bad_data, max_image_pixels=cfg.max_image_pixels,
-        tokenizer=tokenizer)
+        resolution=model_cfg.resolution, seed=cfg.seed, on_bad_data=cfg.on_bad_data,
+        max_image_pixels=cfg.max_image_pixels, tokenizer=tokenizer)
     if cfg.max_train_samples:
         dataset = dataset.select(range(min(cfg.max_train_samples, len(dataset))))
-    data_id = ckpt.data_fingerprint(dataset)
     procs = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                  wait_for_everyone=accelerator.wait_for_everyone, should_stop=stop.check)
     vae.to(accelerator.device)  # frozen: encodes the cached latents, or each batch in the loop
     text_cache = None
-    try:
+    try:  # the frozen VAE (and a frozen text encoder, with --cache_dir) encode the data once
         dataloader, sampler = training_dataloader(
-            dataset, resolution=resolution, batch_size=cfg.train_batch_size, seed=cfg.seed, vae=vae,
+            dataset, resolution=model_cfg.resolution, batch_size=cfg.train_batch_size, seed=cfg.seed, vae=vae,
             bucket_divisor=image_size_divisor(vae.config, unet.config) if cfg.aspect_buckets else None,
             bucket_no_upscale=cfg.bucket_no_upscale, cache_latents=cfg.cache_latents, cache_dir=cfg.cache_dir,
             cache_in_memory=cfg.cache_in_memory, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
             num_workers=cfg.dataloader_num_workers, **procs)
-        if cfg.cache_dir and cfg.cache_text_embeddings and not train_te:  # frozen: each caption encoded once
-            text_encoder.to(accelerator.device, dtype=weight_dtype)
-            text_cache = TextEmbeddingCache(cfg.cache_dir, text_encoder, tokenizer, in_memory=cfg.cache_in_memory,
-                                            settings={"autocast": accelerator.mixed_precision})
-            with accelerator.autocast():  # as the prepared encoder runs in the loop
-                logger.info("text cache: %s", text_cache.ensure(list(dataset["text"]), **procs))
+        if cfg.cache_dir and cfg.cache_text_embeddings and not train_te:
+            text_cache = cache_text(cfg, accelerator, text_encoder.to(accelerator.device, dtype=weight_dtype),
+                                    tokenizer, list(dataset["text"]), procs)
     except StopRequested:
         pass
     if stop.agreed(accelerator):  # nothing trained yet: nothing to save
@@ -169,10 +216,9 @@ def main(argv: list[str] | None = None) -> Path:
         return out
 
     # ---------------------------------------------------------------- 3. optimizer
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    groups = [{"params": trainable_parameters(unet), "lr": cfg.learning_rate}]
     if train_te:
-        groups.append({"params": trainable_parameters(text_encoder),
-                       "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        groups.append({"params": trainable_parameters(text_encoder), "lr": cfg.text_encoder_lr or cfg.learning_rate})
     optimizer = make_adamw(groups, eight_bit=cfg.use_8bit_adam, betas=(cfg.adam_beta1, cfg.adam_beta2),
                            weight_decay=cfg.adam_weight_decay)
     # The prepared scheduler steps once per process per optimizer step, hence the factor.
@@ -186,7 +232,6 @@ def main(argv: list[str] | None = None) -> Path:
         dataloader = prepare_data_loader(dataloader, accelerator.device, num_processes=1, process_index=0,
                                          put_on_device=True)
     # Frozen parts in the compute dtype; the VAE stays float32 under fp16 (SD's VAE overflows).
-    vae.to(accelerator.device)
     if weight_dtype == torch.bfloat16:
         vae.to(dtype=torch.bfloat16)
     if not train_te:
@@ -201,69 +246,20 @@ def main(argv: list[str] | None = None) -> Path:
     num_epochs = math.ceil(cfg.max_train_steps / steps_per_epoch)
 
     # ---------------------------------------------------------------- 4. resume
-    # What defines the run, saved in every checkpoint's marker. On resume, a change of a key in
-    # ckpt.STRICT_KEYS is refused (unless --allow_config_drift); other changes are logged.
-    fingerprint = {
-        "global_batch": cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
-        "world_size": accelerator.num_processes, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "resolution": resolution, "max_train_steps": cfg.max_train_steps, "learning_rate": cfg.learning_rate,
-        "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps, "seed": cfg.seed,
-        "objective": [cfg.snr_gamma, cfg.noise_offset, cfg.input_perturbation, noise_scheduler.config.rescale_betas_zero_snr],
-        "model": ckpt.model_fingerprint(model_cfg, cfg.pretrained_model_name_or_path, pretrained_vae,
-                                        prediction_type, train_te,
-                                        *(["token embedding frozen"] if frozen_token_embedding else [])),
-        "data": data_id, **({"lora": [cfg.lora_rank, cfg.lora_alpha]} if cfg.lora_rank else {}),
-        **({"aspect_buckets": [cfg.aspect_buckets, cfg.bucket_no_upscale]} if cfg.aspect_buckets else {}),
-        **({"train_dtype": cfg.train_dtype} if cfg.train_dtype != "float32" else {}),
-    }
-    global_step = 0
-    resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
-    if resume is not None:
-        global_step, path = resume
-        changed = ckpt.drift(ckpt.read_marker(path).get("fingerprint", {}), fingerprint)
-        strict = [line for key, line in changed if key in ckpt.STRICT_KEYS]
-        if strict and not cfg.allow_config_drift:
-            raise ValueError(f"refusing to resume from {path}: this run differs from the one that saved it\n  "
-                             + "\n  ".join(strict) + "\n(pass --allow_config_drift to resume anyway)")
-        for _, line in changed:
-            logger.warning("resuming with a changed setting: %s", line)
-        ckpt.check_pickles(path, accelerator.process_index)
-        accelerator.load_state(str(path))
-        for name, ema in emas.items():
-            ckpt.load_ema(ema, path / f"ema_{name}.safetensors")
-        logger.info("resumed from %s (step %d)", path, global_step)
-    elif cfg.resume_from_checkpoint:
-        logger.info("no complete checkpoint under %s; starting from scratch", out)
+    # What defines the run, in every checkpoint's marker: resuming a different run is refused.
+    fingerprint = ckpt.run_fingerprint(cfg, model_cfg, world_size=accelerator.num_processes,
+                                       zero_terminal_snr=noise_scheduler.config.rescale_betas_zero_snr,
+                                       pretrained_vae=pretrained_vae, prediction_type=prediction_type,
+                                       trained=list(trained), data=ckpt.data_fingerprint(dataset))
+    resumed = ckpt.resume(accelerator, out, cfg.resume_from_checkpoint, fingerprint, emas,
+                          allow_config_drift=cfg.allow_config_drift)  # its step, or None
+    global_step = resumed or 0
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
-
-    # One line per optimizer step (main process): loss, LR, a digest of the step's captions (this
-    # process's) and the data-set indices of every process's samples, so that two runs can be
-    # compared step by step. A resumed run drops the lines it will redo.
-    trace_path = out / "train_log.jsonl"
+    trace = StepTrace(out / "train_log.jsonl", resumed_step=resumed, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
-        kept = [line for line in (trace_path.read_text().splitlines() if resume and trace_path.exists() else [])
-                if json.loads(line)["step"] <= global_step]
-        trace_path.write_text("".join(line + "\n" for line in kept))
         accelerator.init_trackers("train_ldm", config={k: v for k, v in cfg.to_dict().items()
                                                         if isinstance(v, (int, float, str, bool))})
-
-    def save_checkpoint(step: int) -> None:
-        final = ckpt.checkpoint_dir(out, step)
-        tmp = ckpt.temp_dir(final)
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)  # a leftover from a run killed mid-save
-        ckpt.check_finite({"unet": unet, "text_encoder": text_encoder,
-                           **{f"ema_{n}": e.shadow_params for n, e in emas.items()}})
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if accelerator.is_main_process:
-            for name, ema in emas.items():
-                ckpt.save_ema(ema, tmp / f"ema_{name}.safetensors")
-            ckpt.commit(final, step, fingerprint)
-            removed = ckpt.rotate(out, cfg.checkpoints_total_limit)
-            logger.info("saved %s%s", final, f", removed {[p.name for p in removed]}" if removed else "")
-        accelerator.wait_for_everyone()
 
     def build_pipeline() -> TextToImagePipeline:
         pipe = TextToImagePipeline(vae=vae, text_encoder=accelerator.unwrap_model(text_encoder),
@@ -272,47 +268,24 @@ def main(argv: list[str] | None = None) -> Path:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def validate(step: int) -> None:
-        """A grid of validation prompts with the EMA weights (rows: prompts)."""
-        if not accelerator.is_main_process or not cfg.validation_prompts or cfg.num_validation_images == 0:
-            return
-        for name, ema in emas.items():
-            ema.store(trainable_parameters(ema_models[name]))
-            ema.copy_to(trainable_parameters(ema_models[name]))
-        pipe = build_pipeline()
-        n = cfg.num_validation_images
-        gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.validation_prompts) * n)]
-        try:
-            with torch.autocast(accelerator.device.type, enabled=half is not None, dtype=half):
-                images = pipe(cfg.validation_prompts, num_images_per_prompt=n, generator=gens,
-                              num_inference_steps=cfg.validation_inference_steps,
-                              guidance_scale=cfg.validation_guidance_scale, height=resolution, width=resolution,
-                              callback_on_step_end=lambda *args: stop.check() or {}).images
-        except StopRequested:
-            logger.warning("validation at step %d interrupted by the stop request", step)
-            return
-        finally:
-            for name, ema in emas.items():
-                ema.restore(trainable_parameters(ema_models[name]))
-        (out / "samples").mkdir(exist_ok=True)
-        grid = image_grid(images, cols=n)
-        grid.save(out / "samples" / f"step_{step:06d}.png")
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                import numpy as np
+    def save_checkpoint(step: int) -> None:
+        ckpt.save(accelerator, out, step, fingerprint, {"unet": unet, "text_encoder": text_encoder}, emas,
+                  keep=cfg.checkpoints_total_limit)
 
-                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    def validate_with_ema(step: int) -> None:
+        if accelerator.is_main_process and cfg.validation_prompts and cfg.num_validation_images:
+            with ema_weights(emas, trained):
+                validate(build_pipeline(), cfg, accelerator, step, resolution=model_cfg.resolution, half=half,
+                         stop=stop)
 
     # ---------------------------------------------------------------- 5. train
     logger.info("training: %d examples, %d steps, global batch %d, %d epochs", len(dataset),
-                cfg.max_train_steps, cfg.train_batch_size * accelerator.num_processes *
-                cfg.gradient_accumulation_steps, num_epochs)
+                cfg.max_train_steps, fingerprint["global_batch"], num_epochs)
     progress = tqdm(range(cfg.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     loss_sum, loss_count, loss = torch.zeros((), device=accelerator.device), 0, torch.zeros(())
     bad_update, skipped, consecutive_bad, stopped = False, 0, 0, False
     step_loss = None
-    samples, step_indices = hashlib.sha1(), []
     for epoch in range(first_epoch, num_epochs):
         if global_step >= cfg.max_train_steps:  # resumed from a checkpoint at or past the end
             break
@@ -370,8 +343,7 @@ def main(argv: list[str] | None = None) -> Path:
                     optimizer.step()
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            samples.update(json.dumps(captions).encode())
-            step_indices += accelerator.gather(batch["index"].to(accelerator.device)).tolist()  # every process's
+            trace.add(captions, accelerator.gather(batch["index"].to(accelerator.device)).tolist())  # every process's
             if not bad_update:
                 loss_sum += loss.detach()
                 loss_count += 1
@@ -389,24 +361,20 @@ def main(argv: list[str] | None = None) -> Path:
             else:
                 consecutive_bad = 0
                 for name, ema in emas.items():
-                    ema.step(trainable_parameters(ema_models[name]))
+                    ema.step(trainable_parameters(trained[name]))
             step_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
             loss_sum.zero_()
             loss_count = 0
             logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_updates": skipped}
             accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process:
-                with open(trace_path, "a") as fh:
-                    fh.write(json.dumps({"step": global_step, **logs, "samples": samples.hexdigest()[:16],
-                                         "indices": step_indices}) + "\n")
-            samples, step_indices = hashlib.sha1(), []
+            trace.write(global_step, logs)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}")
             saved = cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0
             if saved:
                 save_checkpoint(global_step)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0:
-                validate(global_step)
+                validate_with_ema(global_step)
             if stop.agreed(accelerator):
                 if not saved:
                     save_checkpoint(global_step)
@@ -418,8 +386,7 @@ def main(argv: list[str] | None = None) -> Path:
             break
     progress.close()
     if stopped:
-        logger.warning("stopped by %s at step %d; resume with --resume_from_checkpoint latest",
-                       "a signal", global_step)
+        logger.warning("stopped by a signal at step %d; resume with --resume_from_checkpoint latest", global_step)
         accelerator.end_training()
         stop.restore()
         return out
@@ -428,28 +395,12 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if not cfg.validation_steps or global_step % cfg.validation_steps:
-            validate(global_step)
+            validate_with_ema(global_step)
         for name, ema in emas.items():  # the saved model holds the EMA weights
-            ema.copy_to(trainable_parameters(ema_models[name]))
-        pipe = build_pipeline()
-        if cfg.lora_rank:  # the adapters alone (small); load with pipe.load_lora_weights(out)
-            save_lora(out, pipe.unet, pipe.text_encoder if train_te else None,
-                      info={"base_model": cfg.pretrained_model_name_or_path, "rank": cfg.lora_rank,
-                            "alpha": cfg.lora_alpha or cfg.lora_rank})
-        else:
-            pipe.save_pretrained(out)
-        if cfg.eval_images_per_case and not (cfg.train_data_dir or cfg.dataset_name):
-            report, images = evaluate_pipeline(pipe, held_out_cases(), images_per_case=cfg.eval_images_per_case,
-                                               guidance_scale=cfg.validation_guidance_scale, seed=cfg.seed)
-            path = save_report(report, images, out / "eval", cfg.eval_images_per_case)
-            logger.info("held-out compositions: %s -> %s", summary(report), path)
-            print(f"held-out compositions: {summary(report)}")
-        (out / "run_info.json").write_text(json.dumps({
-            "global_step": global_step, "num_processes": accelerator.num_processes,
-            "final_loss": step_loss, "prediction_type": prediction_type,
-            "skipped_updates": skipped,
-            "torch": torch.__version__}, indent=2) + "\n")
-        logger.info("saved pipeline to %s", out)
+            ema.copy_to(trainable_parameters(trained[name]))
+        save_pipeline(build_pipeline(), cfg, train_te=train_te, run_info={
+            "global_step": global_step, "num_processes": accelerator.num_processes, "final_loss": step_loss,
+            "prediction_type": prediction_type, "skipped_updates": skipped})
     accelerator.end_training()
     stop.restore()
     return out
