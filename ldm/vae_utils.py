@@ -56,8 +56,8 @@ def float32_weights(vae: AutoencoderKL) -> Iterator[None]:
 def _finite_run(vae: AutoencoderKL, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                 what: str) -> torch.Tensor:
     """fn(x) in the VAE's dtype, or in float32 (see `runs_in_float32`); a non-finite half-precision
-    result is computed again in float32. Returns float32; raises FloatingPointError if not finite."""
-    x = x.to(vae.device)
+    result is computed again in float32. Returns float32; raises FloatingPointError if not finite.
+    x stays on its device (the VAE's, or one an offload hook moves it to)."""
     if runs_in_float32(vae):
         with float32_weights(vae):
             out = fn(x.float())
@@ -133,7 +133,7 @@ def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor, batch_size: in
         raise ValueError(f"images must be a non-empty (N, 3, H, W) tensor, got shape {tuple(images.shape)}")
     scores = []
     for batch in images.split(batch_size):
-        recon = decode_latents(vae, encode_images(vae, batch).mode()).clamp(-1, 1)
+        recon = decode_latents(vae, encode_images(vae, batch.to(vae.device)).mode()).clamp(-1, 1)
         scores.append(psnr((recon.cpu() + 1) / 2, (batch.float().cpu() + 1) / 2))
     return float(torch.cat(scores).mean())
 

@@ -29,6 +29,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ldm.diffusion import classifier_free_guidance, rescale_guidance
 from ldm.schedulers import diffusers_class, make_sampler, set_timesteps, with_fixes
 from ldm.text import encode_tokens, tokenize, write_bpe_files
+from ldm.vae_utils import configure_vae, decode_latents
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "noise_pred")
@@ -60,6 +61,21 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         ddpm, ddim, dpm++, euler, euler_a, pndm, unipc."""
         self.scheduler = make_sampler(name, self.scheduler.config)
         return self
+
+    def enable_vae_tiling(self, tile_size: int | None = None) -> None:
+        """Decode images larger than `tile_size` pixels (default: the VAE config's sample_size) in
+        overlapping, blended tiles: memory follows the tile, not the image (seams may show slightly)."""
+        configure_vae(self.vae, tiling=True, slicing=self.vae.use_slicing, tile_size=tile_size)
+
+    def disable_vae_tiling(self) -> None:
+        configure_vae(self.vae, tiling=False, slicing=self.vae.use_slicing)
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time: same images, lower peak memory."""
+        configure_vae(self.vae, tiling=self.vae.use_tiling, slicing=True)
+
+    def disable_vae_slicing(self) -> None:
+        configure_vae(self.vae, tiling=self.vae.use_tiling, slicing=False)
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs):
         """diffusers layout, safetensors. `model_index.json` names StableDiffusionPipeline (with no
@@ -219,14 +235,19 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
                 progress.update()
 
-        # 4. Decode: x = D(z / scaling_factor), in [-1, 1].
+        # 4. Decode: x = D(z / scaling_factor), in [-1, 1]. A float16 VAE decodes in float32 when its
+        # config says force_upcast, or after it overflowed (ldm.vae_utils.decode_latents), which
+        # raises FloatingPointError rather than return a NaN image.
         self._refuse_non_finite(latents, "latents", num_inference_steps)
         if output_type == "latent":
             images = latents
         else:
             z = latents / self.vae.config.scaling_factor
-            decoded = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-            self._refuse_non_finite(decoded, "decoded images", num_inference_steps)
+            try:
+                decoded = decode_latents(self.vae, z)
+            except FloatingPointError:
+                self.maybe_free_model_hooks()
+                raise
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -235,3 +235,78 @@ def test_a_pipeline_call_warns_nothing(tiny_components, name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("a red circle", num_inference_steps=2, generator=gen(0))
+
+
+# ---------------------------------------------------------------- pretrained VAEs (issue 20)
+def _pipe_with_vae(components, vae):
+    """A pipeline around its own VAE (the session's components stay as they are)."""
+    return make_pipeline(dataclasses.replace(components, vae=vae))
+
+
+def _half(vae, *, force_upcast: bool):
+    vae.register_to_config(force_upcast=force_upcast)
+    return torch.nn.Module.to(vae, torch.float16)
+
+
+def _fixed_latents(batch: int = 1, side: int = 16) -> torch.Tensor:
+    return torch.randn(batch, 4, side, side, generator=gen(0))
+
+
+def test_float16_vae_overflow_is_decoded_again_in_float32(tiny_components, caplog):
+    """SD's VAE overflows float16 (black/NaN images): the pipeline redoes the decode in float32,
+    warns once, and returns the image a float32 VAE with the same weights gives."""
+    import copy
+    import logging
+
+    vae = copy.deepcopy(tiny_components.vae)
+    vae.decoder.conv_in.bias.data.fill_(6e4)  # finite in float32, past float16's 65,504
+    vae = _half(vae, force_upcast=False)
+    reference_vae = torch.nn.Module.to(copy.deepcopy(vae), torch.float32)
+    kw = dict(num_inference_steps=2, output_type="pt", latents=_fixed_latents())
+    with caplog.at_level(logging.WARNING, logger="ldm.vae_utils"):
+        images = _pipe_with_vae(tiny_components, vae)("a red circle", **kw).images
+        _pipe_with_vae(tiny_components, vae)("a red circle", **kw)
+    reference = _pipe_with_vae(tiny_components, reference_vae)("a red circle", **kw).images
+    assert torch.isfinite(images).all()
+    torch.testing.assert_close(images, reference, atol=1e-5, rtol=0)
+    assert reference.std() > 0.01  # not a blank image
+    assert [r.getMessage()[:46] for r in caplog.records] == ["the VAE's decoding in float16 gave non-finite "]
+    assert vae.dtype == torch.float16
+
+
+def test_force_upcast_vae_decodes_in_float32(tiny_components):
+    import copy
+
+    vae = _half(copy.deepcopy(tiny_components.vae), force_upcast=True)
+    seen = []
+    vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(module.conv_in.weight.dtype))
+    _pipe_with_vae(tiny_components, vae)("a red circle", num_inference_steps=2, latents=_fixed_latents())
+    assert seen == [torch.float32] and vae.dtype == torch.float16
+
+
+def test_vae_tiling_and_slicing_options(tiny_components):
+    """64 px images through 32 px tiles match untiled ones within tolerance (tiles have their own
+    GroupNorm statistics); slicing decodes one image at a time with the same result."""
+    import copy
+
+    from ldm.vae_utils import psnr
+
+    pipe = _pipe_with_vae(tiny_components, copy.deepcopy(tiny_components.vae))
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="pt", num_images_per_prompt=2,
+              latents=_fixed_latents(2, 32))
+    plain = pipe("a red circle", **kw).images
+    calls = []
+    pipe.vae.decoder.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+    pipe.enable_vae_tiling(tile_size=32)
+    tiled = pipe("a red circle", **kw).images
+    # 3 x 3 overlapping tiles: latent rows/columns start at 0, 12, 24 (16-cell tiles, a quarter overlap)
+    assert calls == [(2, 4, 16, 16), (2, 4, 16, 16), (2, 4, 16, 8)] * 2 + [(2, 4, 8, 16), (2, 4, 8, 16), (2, 4, 8, 8)]
+    assert tiled.shape == plain.shape and float(psnr(tiled, plain).min()) > 20.0  # measured ~25 dB
+    pipe.disable_vae_tiling()
+    pipe.enable_vae_slicing()
+    calls.clear()
+    sliced = pipe("a red circle", **kw).images
+    assert calls == [(1, 4, 32, 32)] * 2
+    torch.testing.assert_close(sliced, plain, atol=1e-5, rtol=0)
+    pipe.disable_vae_slicing()
+    torch.testing.assert_close(pipe("a red circle", **kw).images, plain, atol=0, rtol=0)
