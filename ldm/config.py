@@ -620,7 +620,10 @@ class VAETrainConfig:
     """`training/train_vae.py`: a KL-regularised autoencoder (Rombach et al. 2022, sec. 3)."""
 
     output_dir: str = _help("where the VAE (diffusers layout) goes", default="outputs/vae")
-    train_data_dir: str | None = _help("image folder (default: the built-in shapes)", default=None)
+    train_data_dir: str | None = _help("image folder (default: --data)", default=None)
+    data: str = _help("without --train_data_dir: builtin (the shapes) | diverse (shapes, gradients, textures, "
+                      "text, scenes and scikit-image's photos: ldm/first_stage_data.py)", default="builtin")
+    diverse_num_images: int = _help("--data diverse: images per epoch (generated on demand)", default=100000)
     image_column: str = _help("image column of the data set", default="image")
     caption_column: str = _help("unused: a VAE needs no captions (kept so that older configs load)",
                                 default="text")
@@ -636,9 +639,35 @@ class VAETrainConfig:
     norm_num_groups: int = _help("group norm groups", default=8)
     kl_weight: float = _help("weight of KL(q(z|x) || N(0, I)) against the summed L1 reconstruction",
                              default=1e-6)
+    l2_weight: float = _help("weight of the squared error added to L1 (both per pixel element)", default=0.0)
+    lpips_weights: str | None = _help("local LPIPS weights (the lpips package's full state dict, backbone + heads, "
+                                      ".safetensors or .pth): adds the perceptual loss; never downloaded",
+                                      default=None)
+    perceptual_weight: float = _help("weight of LPIPS (with --lpips_weights)", default=1.0)
+    disc_weight: float = _help("PatchGAN hinge loss weight, times the adaptive weight (0: no discriminator; "
+                               "LDM: 0.5)", default=0.0)
+    disc_start: int = _help("step at which the discriminator starts (LDM: 50001)", default=0)
+    disc_channels: int = _help("discriminator channels at its first layer", default=64)
+    pretrained_vae_name_or_path: str | None = _help(
+        "fine-tune this VAE (diffusers folder, pipeline folder with vae/, hub id, or single-file SD VAE "
+        ".safetensors) instead of building one from the architecture flags", default=None)
+    single_file_config: str | None = _help("for a single-file VAE: a folder with its diffusers config.json "
+                                           "(default: the sd15 preset's VAE)", default=None)
+    train_decoder_only: bool = _help("freeze the encoder (latents stay as they are; sd-vae-ft-mse did this)",
+                                     default=False)
+    use_ema: bool = _help("keep an EMA of the weights and save it", default=False)
+    ema_decay: float = _help("EMA decay (with warm-up)", default=0.999)
+    gradient_checkpointing: bool = _help("trade compute for memory", default=False)
+    checkpointing_steps: int = _help("save a resumable checkpoint every N steps (0: never)", default=0)
+    checkpoints_total_limit: int | None = _help("keep at most N checkpoints", default=2)
+    resume_from_checkpoint: str | None = _help("latest | a checkpoint folder", default=None)
+    validation_steps: int = _help("reconstructions PNG every N steps (0: only at the end)", default=0)
+    latent_shift: bool = _help("also store shift_factor = mean of the latents (z -> (z - shift) * scale)",
+                               default=False)
+    lr_warmup_steps: int = _help("linear warm-up steps of the cosine schedule", default=50)
     train_batch_size: int = _help("batch size per process", default=64)
     max_train_steps: int = _help("optimizer steps", default=1800)
-    learning_rate: float = _help("peak learning rate (cosine decay, 50-step warm-up)", default=2e-3)
+    learning_rate: float = _help("peak learning rate (cosine decay after the warm-up)", default=2e-3)
     random_flip: bool = _help("random horizontal flips", default=True)
     mixed_precision: str | None = _help("no | fp16 | bf16", default=None)
     cpu_threads: int | None = _help("torch threads per process on CPU (default: $LDM_CPU_THREADS, else "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +19,9 @@ from ldm.synthetic import make_examples
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_vae_loss_against_the_formula():
-    from training.train_vae import vae_loss
-
-    x = torch.zeros(2, 3, 4, 4)
-    recon = torch.full_like(x, 0.5)
-    kl = torch.tensor([10.0, 30.0])
-    total, rec = vae_loss(x, recon, kl, kl_weight=0.1)
-    assert rec.item() == pytest.approx(0.5)
-    assert total.item() == pytest.approx(0.5 + 0.1 * 40.0 / x.numel())
+def train_vae(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "training" / "train_vae.py"), "--cpu_threads", "1", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -114,3 +109,78 @@ def test_vae_trains_on_an_uncaptioned_folder_smaller_than_the_batch(tmp_path):
     assert "only 5 images: batch size 5 instead of 16" in proc.stderr
     info = json.loads((out / "vae_info.json").read_text())
     assert info["steps"] == 2 and np.isfinite(info["latent_std"]) and info["latent_std"] > 0
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_gives_bit_identical_weights(tmp_path):
+    """4 steps straight vs. 2 steps, checkpoint (mid-epoch), resume, 2 more: the same weights,
+    with the discriminator, the EMA and random flips all in play."""
+    common = ["--max_train_steps", "4", "--builtin_num_images", "32", "--train_batch_size", "8",
+              "--checkpointing_steps", "2", "--checkpoints_total_limit", "5", "--disc_weight", "0.5",
+              "--disc_channels", "8", "--use_ema", "--l2_weight", "1", "--lr_warmup_steps", "1"]
+    straight = train_vae("--output_dir", str(tmp_path / "a"), *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert ", g " in straight.stderr and ", w " in straight.stderr  # the hinge game and adaptive weight ran
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-2", tmp_path / "b" / "checkpoints" / "checkpoint-2")
+    resumed = train_vae("--output_dir", str(tmp_path / "b"), *common, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = _weights_of_checkpoint(tmp_path / "a" / "checkpoints" / "checkpoint-2")
+    assert any(not torch.equal(before["vae." + k], a[k]) for k in a)  # it did train after the checkpoint
+
+
+def _weights_of_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_fine_tune_decoder_only_from_a_single_file_vae_on_the_diverse_mix(tmp_path):
+    """A single-file (original SD layout) VAE fine-tuned decoder-only: the encoder is untouched,
+    the decoder moves; --latent_shift stores the latents' mean as shift_factor."""
+    from safetensors.torch import save_file
+
+    from ldm.export import vae_to_original
+
+    shipped = AutoencoderKL.from_pretrained(ASSETS / "tiny_vae")
+    original, left = vae_to_original(shipped.state_dict(), shipped.config)
+    assert not left
+    single = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in original.items()}, str(single))
+    out = tmp_path / "ft"
+    proc = train_vae("--output_dir", str(out), "--pretrained_vae_name_or_path", str(single), "--single_file_config",
+                     str(ASSETS / "tiny_vae"), "--train_decoder_only", "--data", "diverse", "--diverse_num_images",
+                     "64", "--max_train_steps", "2", "--train_batch_size", "8", "--latent_shift",
+                     "--learning_rate", "1e-3", "--lr_warmup_steps", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned, before = _weights(out), shipped.state_dict()
+    assert all(torch.equal(tuned[k], before[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(tuned[k], before[k]) for k in before if k.startswith("decoder."))
+    info = json.loads((out / "vae_info.json").read_text())
+    cfg = AutoencoderKL.load_config(out)
+    assert cfg["shift_factor"] == pytest.approx(info["shift_factor"]) and info["shift_factor"] is not None
+    assert cfg["scaling_factor"] == pytest.approx(1 / info["latent_std"])
+    assert "no --lpips_weights: training without the perceptual loss" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "photos"], "--data must be builtin or diverse, got 'photos'"),
+    (["--lpips_weights", "/nonexistent/lpips.pth"], "--lpips_weights /nonexistent/lpips.pth: no such file"),
+    (["--resume_from_checkpoint", "checkpoint-9"], "is not a complete checkpoint folder"),
+    (["--disc_start", "-1"], "--disc_start must be >= 0, got -1"),
+])
+def test_mistakes_are_one_line(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "training" / "train_vae.py"), "--output_dir",
+                           str(tmp_path / "out"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
