@@ -84,10 +84,11 @@ def run_order(pairs: int) -> list[str]:
 
 
 def loop_seconds(log: str) -> float | None:
-    """The training loop's elapsed time from the last tqdm bar that reached its total
-    ("80/80 [00:52<00:00, ..."): seconds, whole; None when there is no finished bar."""
+    """The training loop's elapsed time from the last steps bar that reached its total
+    ("steps: 100%|...| 80/80 [00:52<00:00, ..."; ours says "steps", the peer "Steps"): seconds,
+    whole; None when there is no finished bar. Other bars (writing shards, loading) are ignored."""
     found = None
-    for done, total, elapsed in re.findall(r"(\d+)/(\d+) \[((?:\d+:)?\d+:\d+)<", log):
+    for done, total, elapsed in re.findall(r"[Ss]teps: .*?(\d+)/(\d+) \[((?:\d+:)?\d+:\d+)<", log):
         if done == total:
             parts = [int(x) for x in elapsed.split(":")]
             found = float(sum(v * 60 ** i for i, v in enumerate(reversed(parts))))

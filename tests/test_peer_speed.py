@@ -29,7 +29,8 @@ def test_ratios():
 def test_loop_seconds_from_progress_bar():
     log = ("steps:  50%|#####     | 40/80 [00:26<00:26,  1.53it/s]\n"
            "steps: 100%|##########| 80/80 [00:52<00:00,  1.53it/s]\n"
-           "Steps: 100%|##########| 80/80 [1:02:03<00:00,  1.53it/s]\n")
+           "Steps: 100%|##########| 80/80 [1:02:03<00:00,  1.53it/s]\n"
+           "Writing model shards: 100%|##########| 1/1 [00:00<00:00, 23.60it/s]\n")
     assert peer_speed.loop_seconds(log) == 3723.0
     assert peer_speed.loop_seconds(log.splitlines()[0]) is None  # unfinished bar
 
