@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 from ldm import datacheck
 from ldm.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_and_crop, to_tensor
@@ -157,7 +158,8 @@ def pick_caption(value: Any, generator: torch.Generator) -> str:
 def make_batch_transform(resolution: int, center_crop: bool, random_flip: bool):
     """For `Dataset.with_transform`: {'image': [...], 'text': [...]} -> pixel_values + caption cells
     (a cell with several captions is resolved per step by the training loop, `pick_caption`).
-    Random crops and flips draw from torch's global RNG (of the data-loader worker)."""
+    Random crops and flips here would draw from torch's global RNG: training uses
+    `AugmentedImages`, whose draws are keyed per sample; this is for fixed transforms."""
     tf = image_transform(resolution, center_crop, random_flip)
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
@@ -232,19 +234,6 @@ class CachedLatents(torch.utils.data.Dataset):
         return {"moments": self.moments[i], "text": self.captions[i], "index": i}
 
 
-class Indexed(torch.utils.data.Dataset):
-    """Rows of `dataset` with their index added (the key of the sample's random draws)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.dataset[i], "index": i}
-
-
 def bucket_sizes(dataset, resolution: int, divisor: int, no_upscale: bool = False) -> list[tuple[int, int]]:
     """Each image's aspect-ratio bucket (`ldm.buckets`), from the width / height the data check recorded."""
     buckets = make_buckets(resolution, divisor)
@@ -255,23 +244,50 @@ def bucket_sizes(dataset, resolution: int, divisor: int, no_upscale: bool = Fals
     return [assign_bucket(w, h, buckets, divisor, no_upscale) for w, h in sizes]
 
 
-class BucketedImages(torch.utils.data.Dataset):
-    """Images resized and cropped to their bucket on the fly (random crop / flip allowed; they draw
-    from Python's `random` of the data-loader worker)."""
+class AugmentedImages(torch.utils.data.Dataset):
+    """Images transformed on the fly: resized and cropped to a square of `resolution` (short side
+    first, bilinear, as `image_transform`) or, with `buckets`, to each image's aspect bucket
+    (`resize_and_crop`); optionally a random crop and a left-right flip.
 
-    def __init__(self, dataset, buckets: list[tuple[int, int]], center_crop: bool, random_flip: bool):
-        self.dataset, self.buckets = dataset, buckets
-        self.center_crop, self.random_flip = center_crop, random_flip
+    The random crop and flip of image i in epoch e draw from their own stream, keyed by
+    (seed, e, i), never from a global RNG: a resumed run, any number of data-loader workers or
+    processes see the same pixels. The loader's `set_epoch` does not reach a dataset behind a
+    seeded sampler, so the training loop calls `set_epoch` here too (`set_loader_epoch`)."""
+
+    def __init__(self, dataset, *, resolution: int, center_crop: bool, random_flip: bool, seed: int,
+                 buckets: list[tuple[int, int]] | None = None):
+        self.dataset, self.resolution, self.buckets = dataset, resolution, buckets
+        self.center_crop, self.random_flip, self.seed, self.epoch = center_crop, random_flip, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.dataset[i]
-        img, _ = resize_and_crop(to_rgb(row["image"]), self.buckets[i], None if self.center_crop else random)
-        if self.random_flip and random.random() < 0.5:
+        rng = random.Random(f"{self.seed}/augment/{self.epoch}/{i}")  # str seeds are hashed with SHA-512: stable
+        img = to_rgb(row["image"])
+        if self.buckets is not None:
+            img, _ = resize_and_crop(img, self.buckets[i], None if self.center_crop else rng)
+        else:
+            r = self.resolution
+            img = TF.resize(img, r, interpolation=transforms.InterpolationMode.BILINEAR)
+            if self.center_crop:
+                img = TF.center_crop(img, [r, r])
+            else:
+                img = TF.crop(img, rng.randint(0, img.height - r), rng.randint(0, img.width - r), r, r)
+        if self.random_flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return {"pixel_values": to_tensor(img), "text": row["text"], "index": i}
+
+
+def set_loader_epoch(dataloader, epoch: int) -> None:
+    """`dataloader.set_epoch(epoch)` (its shuffle), and the epoch of its dataset's random crops and flips."""
+    dataloader.set_epoch(epoch)
+    if hasattr(dataloader.dataset, "set_epoch"):
+        dataloader.dataset.set_epoch(epoch)
 
 
 def collate_latents(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -315,10 +331,9 @@ def training_dataloader(dataset, *, resolution: int, batch_size: int, seed: int,
         logger.info("latent cache: %s", stats)
         dataset = cache.dataset(items, list(dataset["text"]), in_memory=cache_in_memory or not cache_dir)
         collate_fn = collate_latents
-    elif buckets:
-        dataset, collate_fn = BucketedImages(dataset, buckets, center_crop, random_flip), collate
     else:
-        dataset = Indexed(dataset.with_transform(make_batch_transform(resolution, center_crop, random_flip)))
+        dataset = AugmentedImages(dataset, resolution=resolution, center_crop=center_crop, random_flip=random_flip,
+                                  seed=seed, buckets=buckets)
         collate_fn = collate
     if buckets:
         sampler = BucketBatchSampler(buckets, batch_size, seed=seed, num_replicas=world_size, rank=rank)

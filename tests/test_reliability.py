@@ -363,12 +363,14 @@ EXACT = [*BASE, "--max_train_steps", "8", "--checkpointing_steps", "1", "--check
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, points", [(0, (3, 6)), (2, (7,))])
-def test_resume_at_several_points_is_exact(tmp_path, workers, points):
+@pytest.mark.parametrize("workers, points, augment", [(0, (3, 6), []), (2, (7,), []),
+                                                     (2, (3,), ["--random_flip", "--no-cache_latents"])])
+def test_resume_at_several_points_is_exact(tmp_path, workers, points, augment):
     """48 images at batch 8: 6 steps per epoch. Resume mid-epoch (3), at the epoch's last step (6)
     and after the boundary (7): weights, EMA, optimizer, LR schedule, the loss of every step and
-    the samples of every step equal the uninterrupted run's."""
-    args = [*EXACT, "--dataloader_num_workers", str(workers)]
+    the samples of every step equal the uninterrupted run's; also with images flipped at random
+    on the fly (each sample's flip keyed by seed, epoch and index)."""
+    args = [*EXACT, "--dataloader_num_workers", str(workers), *augment]
     reference = tmp_path / "reference"
     run(["--output_dir", str(reference), *args])
     prune(reference, keep=(*points, 8))

@@ -34,7 +34,7 @@ from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
 from ldm.cache import TextEmbeddingCache
 from ldm.config import ModelConfig, TrainConfig, model_preset, resolve_train_config, save_config
-from ldm.data import load_captioned_dataset, pick_caption, training_dataloader
+from ldm.data import load_captioned_dataset, pick_caption, set_loader_epoch, training_dataloader
 from ldm.diffusion import (add_noise, annealed_multiplier, gather, min_snr_weight, offset_noise, perturb_noise,
                            snr, timestep_probabilities, training_target)
 from ldm.draws import categorical, randn, sample_generators
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> Path:
     for epoch in range(first_epoch, num_epochs):
         if global_step >= cfg.max_train_steps:  # resumed from a checkpoint at or past the end
             break
-        dataloader.set_epoch(epoch)
+        set_loader_epoch(dataloader, epoch)  # the shuffle, and the random crops and flips
         batches = dataloader
         if epoch == first_epoch and skip_batches:  # resume mid-epoch: the batches not yet done
             batches = accelerator.skip_first_batches(dataloader, skip_batches)
