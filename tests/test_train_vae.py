@@ -184,3 +184,20 @@ def test_mistakes_are_one_line(tmp_path, args, message):
                            str(tmp_path / "out"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_lpips_from_a_local_file_and_a_wrong_file(tmp_path):
+    lpips = pytest.importorskip("lpips")
+    from safetensors.torch import save_model
+
+    weights = tmp_path / "lpips.safetensors"  # random backbone: nothing downloaded
+    save_model(lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False), str(weights))
+    proc = train_vae("--output_dir", str(tmp_path / "vae"), "--lpips_weights", str(weights), "--max_train_steps", "1",
+                     "--builtin_num_images", "4", "--train_batch_size", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"perceptual loss: LPIPS (VGG) from {weights}" in proc.stderr and "no --lpips_weights" not in proc.stderr
+    wrong = tmp_path / "wrong.safetensors"
+    save_model(torch.nn.Linear(2, 2), str(wrong))
+    proc = train_vae("--output_dir", str(tmp_path / "vae2"), "--lpips_weights", str(wrong), "--max_train_steps", "1")
+    assert proc.returncode == 2 and f"--lpips_weights {wrong}: not an LPIPS(net='vgg') state dict" in proc.stderr

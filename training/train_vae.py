@@ -117,15 +117,17 @@ def load_lpips(path: str | None):
         import lpips
     except ImportError:
         raise UsageError("--lpips_weights needs the lpips package: pip install lpips") from None
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
-    net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
-    state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
-                                                                             weights_only=True)
-    try:
-        net.load_state_dict(state)
+    net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)  # nothing downloaded
+    try:  # .safetensors: written with safetensors.torch.save_model (the heads share tensors)
+        if path.endswith(".safetensors"):
+            load_model(net, path)
+        else:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except RuntimeError as err:
         raise UsageError(f"--lpips_weights {path}: not an LPIPS(net='vgg') state dict ({str(err).splitlines()[0]})")
+    logger.info("perceptual loss: LPIPS (VGG) from %s", path)
     return net.eval().requires_grad_(False)
 
 
