@@ -38,6 +38,16 @@ def test_evaluate_a_tiny_vae_on_the_built_in_shapes(tiny_vae_dir, tmp_path):
     assert Image.open(tmp_path / "eval" / "reconstructions.png").size == (8 * 32, 3 * 32)  # rows: x, VAE, bicubic
 
 
+def test_the_report_goes_under_outputs_not_into_the_vae_folder(tiny_vae_dir, tmp_path, monkeypatch):
+    from training.evaluate_vae import main
+
+    before = sorted(p.name for p in tiny_vae_dir.iterdir())
+    monkeypatch.chdir(tmp_path)
+    main(["--vae", str(tiny_vae_dir), "--num_images", "2"])
+    assert (tmp_path / "outputs" / "eval_vae" / f"{tiny_vae_dir.name}_builtin" / "metrics.json").is_file()
+    assert sorted(p.name for p in tiny_vae_dir.iterdir()) == before
+
+
 def test_the_shipped_vae_beats_bicubic_on_the_built_in_shapes(tmp_path):
     from training.evaluate_vae import main
 

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_images", type=int, default=256)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="report folder (default: <vae>/eval_<data>)")
+    parser.add_argument("--out", default=None,
+                        help="report folder (default: outputs/eval_vae/<vae folder name>_<data>)")
     args = parser.parse_args(argv)
     if args.train_data_dir and args.data:
         raise UsageError("--train_data_dir and --data: give one of them")
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         datacheck.check_layout(args.train_data_dir, captions=False)
     data = "folder" if args.train_data_dir else (args.data or "builtin")
-    out = Path(args.out or vae_path / f"eval_{data}")
+    # Not inside the VAE's folder by default: that may be the package's own ldm/assets.
+    out = Path(args.out or Path("outputs", "eval_vae", f"{vae_path.resolve().name}_{data}"))
     check_output_dir(str(out), "--out")
 
     import torch
