@@ -23,6 +23,8 @@ import torch
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
+from ldm.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -224,6 +226,10 @@ def run_fingerprint(cfg: Any, model_cfg: Any, *, world_size: int, zero_terminal_
         "data": data, **({"lora": [cfg.lora_rank, cfg.lora_alpha]} if cfg.lora_rank else {}),
         **({"aspect_buckets": [cfg.aspect_buckets, cfg.bucket_no_upscale]} if cfg.aspect_buckets else {}),
         **({"train_dtype": cfg.train_dtype} if cfg.train_dtype != "float32" else {}),
+        # not strict: a changed value is logged on resume and used from then on
+        "text_encoder_lr": cfg.text_encoder_lr, "caption_dropout": cfg.caption_dropout,
+        "timestep_bias": [cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
+                          cfg.timestep_bias_end_multiplier],
     }
 
 
@@ -251,21 +257,30 @@ def save(accelerator: Any, output_dir: str | Path, step: int, fingerprint: dict,
         shutil.rmtree(tmp)  # a leftover from a run killed mid-save
     check_finite({**modules, **{f"ema_{n}": e.shadow_params for n, e in emas.items()}})
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            for name, ema in emas.items():
+                save_ema(ema, tmp / f"ema_{name}.safetensors")
+            commit(final, step, fingerprint)
+    except (OSError, RuntimeError) as err:
+        explained = explain_failed_save(err, tmp, expected_size(modules, emas))
+        if explained is err:
+            raise
+        raise explained from err
     if accelerator.is_main_process:
-        for name, ema in emas.items():
-            save_ema(ema, tmp / f"ema_{name}.safetensors")
-        commit(final, step, fingerprint)
-        removed = rotate(output_dir, keep)
+        removed = rotate(output_dir, keep, protect=final)
         logger.info("saved %s%s", final, f", removed {[p.name for p in removed]}" if removed else "")
     accelerator.wait_for_everyone()
 
 
 def resume(accelerator: Any, output_dir: str | Path, resume_from: str | None, fingerprint: dict,
-           emas: dict[str, EMAModel], *, allow_config_drift: bool = False) -> int | None:
+           emas: dict[str, EMAModel], *, allow_config_drift: bool = False, lr_scheduler: Any = None,
+           learning_rates: list[float] | None = None) -> int | None:
     """Every process: `--resume_from_checkpoint` (`resolve_resume`) -> the step resumed from, with
     the state and EMAs loaded; None for a fresh start. A checkpoint of another run is refused
-    (`check_drift`); other changed settings are logged (main process)."""
+    (`check_drift`); other changed settings are logged (main process). `learning_rates` (one per
+    optimizer group) replace the restored ones, so a changed --learning_rate takes effect."""
     found = resolve_resume(output_dir, resume_from)
     main = accelerator.is_main_process
     if found is None:
@@ -277,9 +292,33 @@ def resume(accelerator: Any, output_dir: str | Path, resume_from: str | None, fi
         if main:
             logger.warning("resuming with a changed setting: %s", line)
     load(accelerator, path, emas)
+    if lr_scheduler is not None and learning_rates is not None:
+        before = set_base_learning_rates(lr_scheduler, learning_rates)
+        if before != list(learning_rates) and main:
+            logger.warning("learning rates %s from the checkpoint replaced by %s (the schedule continues from "
+                           "step %d)", before, list(learning_rates), step)
     if main:
         logger.info("resumed from %s (step %d)", path, step)
     return step
+
+
+def set_base_learning_rates(lr_scheduler: Any, learning_rates: list[float]) -> list[float]:
+    """Give a restored LambdaLR schedule (every diffusers `get_scheduler` one; accelerate's
+    wrapper or bare) new base learning rates, one per optimizer group, and set each group's
+    current rate for the step it is at. Returns the base rates it had."""
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    before = [float(b) for b in sched.base_lrs]
+    if before == [float(x) for x in learning_rates]:
+        return before
+    if not hasattr(sched, "lr_lambdas") or len(learning_rates) != len(sched.optimizer.param_groups):
+        raise UsageError(f"cannot change the learning rate of a resumed {type(sched).__name__} schedule "
+                         f"({before} -> {list(learning_rates)}); resume with the old --learning_rate")
+    sched.base_lrs = [float(x) for x in learning_rates]
+    for group, base, lam in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * lam(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    return before
 
 
 def load(accelerator: Any, path: Path, emas: dict[str, EMAModel]) -> None:
@@ -290,15 +329,73 @@ def load(accelerator: Any, path: Path, emas: dict[str, EMAModel]) -> None:
         load_ema(ema, path / f"ema_{name}.safetensors")
 
 
-def rotate(output_dir: str | Path, keep: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `keep` (never the newest). Main process only."""
+def rotate(output_dir: str | Path, keep: int | None, protect: Path | None = None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `keep`, never `protect` (the one just
+    written, even if an older run left higher step numbers) nor the newest. Main process only."""
     if not keep or keep < 1:
         return []
-    found = complete_checkpoints(output_dir)
-    doomed = [p for _, p in found[:-keep]]
+    found = [p for _, p in complete_checkpoints(output_dir)]
+    if protect is not None and protect in found:
+        found.remove(protect)
+        keep -= 1
+    doomed = found[:-keep] if keep > 0 else found
     for p in doomed:
         shutil.rmtree(p)
     return doomed
+
+
+def clean_stale_temps(output_dir: str | Path) -> list[Path]:
+    """Remove `checkpoint-<step>.tmp` folders a killed or failed save left behind (they may hold
+    gigabytes). Main process only, before the run writes its first checkpoint."""
+    root = Path(output_dir) / "checkpoints"
+    stale = sorted(root.glob("checkpoint-*.tmp")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+class NoSpaceError(UsageError):
+    """The disk filled up while a checkpoint was written: nothing the user did wrong, but theirs
+    to fix, so it is reported as one line (exit 2) with the sizes, not as a traceback."""
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.0f} MB"
+
+
+def _is_out_of_space(err: BaseException) -> bool:
+    import errno
+
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+    text = str(err)
+    # torch's zip writer reports a full disk as a failed write at some position
+    return any(s in text for s in ("No space left", "unexpected pos", "PytorchStreamWriter failed writing"))
+
+
+def expected_size(modules: dict[str, Any], emas: dict[str, EMAModel]) -> int:
+    """Bytes a checkpoint will take, roughly: the models' weights, Adam's two moments and the EMA
+    of what is trained."""
+    total = 0
+    for m in modules.values():
+        for p in m.parameters():
+            total += p.numel() * p.element_size() * (3 if p.requires_grad else 1)
+    for e in emas.values():
+        total += sum(t.numel() * t.element_size() for t in e.shadow_params)
+    return total
+
+
+def explain_failed_save(err: BaseException, tmp: Path, needed: int) -> BaseException:
+    """A failed write of checkpoint folder `tmp` (removed here): a full disk becomes a
+    NoSpaceError naming the device and the sizes; anything else is returned unchanged."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not _is_out_of_space(err):
+        return err
+    free = shutil.disk_usage(tmp.parent).free
+    return NoSpaceError(f"no space left on the device of {tmp.parent} while writing {tmp.name.removesuffix('.tmp')} "
+                        f"(needed ~{_mb(needed)}, {_mb(free)} free after removing the partial folder); free some "
+                        "space or lower --checkpoints_total_limit, then resume with --resume_from_checkpoint latest")
 
 
 def save_ema(ema: EMAModel, path: str | Path) -> None:

@@ -305,6 +305,9 @@ class TrainConfig:
                                      default=500)
     checkpoints_total_limit: int | None = _help("keep at most N checkpoints", default=2)
     resume_from_checkpoint: str | None = _help("a checkpoint folder or 'latest'", default=None)
+    overwrite_output_dir: bool = _help(
+        "start afresh in an --output_dir holding another run: its checkpoints, samples, logs and model are "
+        "deleted first (without this, such a start is refused)", default=False)
     allow_config_drift: bool = _help(
         "resume even if the global batch, world size, accumulation, resolution, seed, model or data "
         "differ from the checkpoint's run (each difference is logged)", default=False)

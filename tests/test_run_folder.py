@@ -56,3 +56,156 @@ def test_an_output_path_that_is_a_file_or_resume_with_overwrite_is_refused(tmp_p
         check_output_dir(f, resuming=False, overwrite=False)
     with pytest.raises(UsageError, match="pass one of them"):
         check_output_dir(tmp_path / "x", resuming=True, overwrite=True)
+
+
+# ------------------------------------------------------------------ checkpoints of the folder
+import errno  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from ldm import checkpoint as ckpt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def complete(out: Path, step: int) -> Path:
+    path = ckpt.checkpoint_dir(out, step)
+    path.mkdir(parents=True)
+    (path / ckpt.MARKER).write_text("{}")
+    return path
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    """An older run's checkpoint-40 outranks a new checkpoint-10 by number: rotation keeps the
+    new one and deletes the others beyond the limit, oldest first."""
+    old = [complete(tmp_path, s) for s in (30, 40)]
+    new = complete(tmp_path, 10)
+    removed = ckpt.rotate(tmp_path, keep=2, protect=new)
+    assert removed == [old[0]] and new.is_dir() and old[1].is_dir()
+    assert ckpt.rotate(tmp_path, keep=1, protect=new) == [old[1]] and new.is_dir()
+    assert ckpt.rotate(tmp_path, keep=1) == []  # without protect: the newest stays
+
+
+class FakeAccelerator:
+    is_main_process = True
+    process_index = 0
+
+    def __init__(self, fail: BaseException | None):
+        self.fail = fail
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder, safe_serialization=True):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"x" * 1000)  # a partial write
+        if self.fail is not None:
+            raise self.fail
+
+
+@pytest.mark.parametrize("fail", [OSError(errno.ENOSPC, "No space left on device"),
+                                  RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")])
+def test_a_full_disk_while_saving_says_so_and_leaves_no_partial_folder(tmp_path, fail):
+    model = torch.nn.Linear(100, 100)
+    with pytest.raises(ckpt.NoSpaceError, match=r"no space left on the device of .*checkpoint-5 \(needed ~0 MB"):
+        ckpt.save(FakeAccelerator(fail), tmp_path, 5, {}, {"unet": model}, {})
+    assert not ckpt.temp_dir(ckpt.checkpoint_dir(tmp_path, 5)).exists()
+    assert ckpt.complete_checkpoints(tmp_path) == []
+    assert ckpt.expected_size({"unet": model}, {}) == 3 * 4 * (100 * 100 + 100)  # weights + Adam's 2 moments
+
+
+def test_other_save_errors_keep_their_type_and_a_resume_removes_stale_temp_folders(tmp_path):
+    with pytest.raises(RuntimeError, match="something else"):
+        ckpt.save(FakeAccelerator(RuntimeError("something else")), tmp_path, 5, {}, {"unet": torch.nn.Linear(2, 2)}, {})
+    stale = ckpt.temp_dir(ckpt.checkpoint_dir(tmp_path, 7))
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    assert ckpt.clean_stale_temps(tmp_path) == [stale] and not stale.exists()
+
+
+def test_a_changed_learning_rate_is_applied_to_a_restored_schedule():
+    from diffusers.optimization import get_scheduler
+
+    def schedule(lrs):
+        opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in lrs])
+        return get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=10)
+
+    old = schedule([1e-3, 1e-4])
+    for _ in range(5):
+        old.optimizer.step()
+        old.step()
+    restored = schedule([1e-3, 1e-4])
+    restored.load_state_dict(old.state_dict())
+    assert ckpt.set_base_learning_rates(restored, [5e-4, 1e-4]) == [1e-3, 1e-4]
+    reference = schedule([5e-4, 1e-4])  # the same schedule run with the new rates from the start
+    for _ in range(5):
+        reference.optimizer.step()
+        reference.step()
+    assert restored.get_last_lr() == pytest.approx(reference.get_last_lr())
+    assert [g["lr"] for g in restored.optimizer.param_groups] == pytest.approx(reference.get_last_lr())
+    restored.optimizer.step()
+    restored.step()
+    reference.optimizer.step()
+    reference.step()
+    assert restored.get_last_lr() == pytest.approx(reference.get_last_lr())
+
+
+# ------------------------------------------------------------------ the training script
+SHORT = ["--train_batch_size", "4", "--builtin_num_images", "16", "--validation_steps", "0",
+         "--num_validation_images", "0", "--report_to", "none", "--eval_images_per_case", "0",
+         "--lr_warmup_steps", "1", "--cpu_threads", "1"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "training" / "train_ldm.py"), *SHORT, *args], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_used_folder_is_refused_and_overwrite_starts_afresh(tmp_path):
+    out = tmp_path / "full"
+    first = train("--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train("--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "1")
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "holds another run (checkpoints up to step 4)" in again.stderr.strip().splitlines()[-1]
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [4]  # untouched
+    fresh = train("--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "1",
+                  "--overwrite_output_dir", "--mixed_precision", "fp16")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [1, 2]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    # fp16 cannot run on a CPU: said, and recorded as what ran
+    assert "fp16 mixed precision needs a GPU" in fresh.stderr
+    assert "mixed_precision: 'no'" in (out / "train_config.yaml").read_text()
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["mixed_precision"] == "no" and info["first_stage_psnr_db"] > 25
+    assert (out / "README.md").read_text().startswith("---") and (out / "training_curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_failed_start_writes_nothing_and_a_tiny_data_set_is_named(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):  # two images: fewer than the batch of 4
+        from PIL import Image
+
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"image {i}")
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "broken.txt").write_text("broken")
+    out = tmp_path / "out"
+    failed = train("--output_dir", str(out), "--train_data_dir", str(data), "--on_bad_data", "fail",
+                   "--max_train_steps", "1")
+    assert failed.returncode != 0 and not out.exists()
+    ok = train("--output_dir", str(out), "--train_data_dir", str(data), "--max_train_steps", "1",
+               "--checkpointing_steps", "0")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "the data set has 2 examples, fewer than one batch (4 x 1 processes)" in ok.stderr

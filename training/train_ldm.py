@@ -10,18 +10,25 @@ The setup each step needs lives in `ldm/` (models, data, checkpoint, trace); the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch training/train_ldm.py` runs this as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # --help without importing torch (seconds)
+    from ldm.config import exit_early_for_help
+
+    exit_early_for_help()
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -40,13 +47,18 @@ from ldm.diffusion import (add_noise, annealed_multiplier, gather, min_snr_weigh
 from ldm.draws import categorical, randn, sample_generators
 from ldm.evaluation import evaluate_pipeline, held_out_cases, save_report, summary
 from ldm.images import image_grid
+from ldm.errors import run_cli
 from ldm.lora import save_lora, trainable_parameters
+from ldm.model_card import caption_stats, write_model_card
 from ldm.models import (components_for_training, count_parameters, image_size_divisor, prepare_for_training,
                         training_dtypes, with_resolution)
+from ldm.plots import write_training_curves
+from ldm.run_folder import check_output_dir, clear_run_files
 from ldm.runtime import GracefulStop, StopRequested, make_adamw, use_cpu_cores
 from ldm.schedulers import make_sampler, training_scheduler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from ldm.trace import StepTrace
+from ldm.vae_utils import first_stage_fit
 from pipelines import TextToImagePipeline
 
 logger = get_logger("train_ldm")
@@ -87,6 +99,9 @@ def validate(pipe: TextToImagePipeline, cfg: TrainConfig, accelerator: Accelerat
     except StopRequested:
         logger.warning("validation at step %d interrupted by the stop request", step)
         return
+    except FloatingPointError as err:  # e.g. a half-precision overflow: training itself may be fine
+        logger.warning("validation at step %d gave no grid: %s", step, err)
+        return
     (Path(cfg.output_dir) / "samples").mkdir(exist_ok=True)
     grid = image_grid(images, cols=n)
     grid.save(Path(cfg.output_dir) / "samples" / f"step_{step:06d}.png")
@@ -95,11 +110,19 @@ def validate(pipe: TextToImagePipeline, cfg: TrainConfig, accelerator: Accelerat
             import numpy as np
 
             tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    write_training_curves(cfg.output_dir)
 
 
-def start(cfg: TrainConfig, model_cfg: ModelConfig) -> Accelerator:
-    """The run's Accelerator, logging, CPU threads, and its resolved configs in the output folder."""
+def start(cfg: TrainConfig) -> tuple[Accelerator, TrainConfig]:
+    """The run's Accelerator, logging and CPU threads; `cfg` with the mixed precision that runs.
+    Nothing is written to the output folder yet (`write_run_files`)."""
     out = Path(cfg.output_dir)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    asked = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked == "fp16" and PartialState().device.type == "cpu":  # accelerate would silently run float32
+        logging.getLogger("train_ldm").warning("fp16 mixed precision needs a GPU; running float32 on the CPU "
+                                               "(bf16 works on CPUs); recorded as mixed_precision: no")
+        cfg = dataclasses.replace(cfg, mixed_precision="no")
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -108,18 +131,41 @@ def start(cfg: TrainConfig, model_cfg: ModelConfig) -> Accelerator:
         # Same shuffled order on every process (each takes its own shard), reseeded per epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for noisy in ("httpx", "datasets", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "train_config.yaml")
-        save_config(model_cfg, out / "model_config.yaml")
     if accelerator.device.type == "cpu":
         use_cpu_cores(accelerator.num_processes, cfg.cpu_threads)
     logger.info("processes: %d, device: %s (%d threads), mixed precision: %s", accelerator.num_processes,
                 accelerator.device, torch.get_num_threads(), accelerator.mixed_precision)
-    return accelerator
+    return accelerator, dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision)
+
+
+def write_run_files(cfg: TrainConfig, model_cfg: ModelConfig, previous_run: list[Path]) -> None:
+    """Main process, once every check has passed: clear a previous run (--overwrite_output_dir)
+    and leftovers of failed saves, then write the resolved configs."""
+    out = Path(cfg.output_dir)
+    clear_run_files(previous_run)
+    for stale in ckpt.clean_stale_temps(out):
+        logger.warning("removed %s, left by a save that did not finish", stale)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "train_config.yaml")
+    save_config(model_cfg, out / "model_config.yaml")
+
+
+def check_first_stage(vae, dataset, cfg: TrainConfig, resolution: int) -> float:
+    """PSNR of the frozen VAE's reconstructions of up to 32 training images, logged; a warning
+    naming the command that trains a VAE on this data when it is too low to learn from."""
+    from ldm.data import image_transform, to_rgb
+
+    n = min(32, len(dataset))
+    tf = image_transform(resolution, center_crop=True, random_flip=False)
+    images = torch.stack([tf(to_rgb(dataset[i]["image"])) for i in range(n)])
+    value, warning = first_stage_fit(vae, images, data_dir=cfg.train_data_dir or "DIR",
+                                     vae_dir=str(Path(cfg.output_dir).parent / "vae"))
+    logger.info("first stage: %.1f dB PSNR on %d training images", value, n)
+    if warning:
+        logger.warning(warning)
+    return value
 
 
 def cache_text(cfg: TrainConfig, accelerator: Accelerator, text_encoder, tokenizer, cells: list,
@@ -132,9 +178,10 @@ def cache_text(cfg: TrainConfig, accelerator: Accelerator, text_encoder, tokeniz
     return text_cache
 
 
-def save_pipeline(pipe: TextToImagePipeline, cfg: TrainConfig, *, train_te: bool, run_info: dict) -> None:
+def save_pipeline(pipe: TextToImagePipeline, cfg: TrainConfig, *, train_te: bool, run_info: dict,
+                  captions: list) -> None:
     """The trained model in diffusers layout (with --lora_rank: the adapters alone), the held-out
-    score on the built-in data (eval/), and run_info.json."""
+    score on the built-in data (eval/), run_info.json, training_curves.png and the model card."""
     out = Path(cfg.output_dir)
     if cfg.lora_rank:  # the adapters alone (small); load with pipe.load_lora_weights(out)
         save_lora(out, pipe.unet, pipe.text_encoder if train_te else None,
@@ -148,15 +195,38 @@ def save_pipeline(pipe: TextToImagePipeline, cfg: TrainConfig, *, train_te: bool
         path = save_report(report, images, out / "eval", cfg.eval_images_per_case)
         logger.info("held-out compositions: %s -> %s", summary(report), path)
         print(f"held-out compositions: {summary(report)}")
-    (out / "run_info.json").write_text(json.dumps({**run_info, "torch": torch.__version__}, indent=2) + "\n")
+    else:
+        report = None
+    run_info = {**run_info, "torch": torch.__version__}
+    (out / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    if run_info.get("final_loss") is not None:
+        write_training_curves(out)
+    grids = sorted((out / "samples").glob("step_*.png"))
+    write_model_card(out, cfg.to_dict(), run_info=run_info, defaults=TrainConfig().to_dict(),
+                     data_stats={"source": cfg.train_data_dir or cfg.dataset_name or "built-in shapes",
+                                 "size": run_info.get("num_examples"), "captions": caption_stats(captions)},
+                     metrics={"final_loss": run_info.get("final_loss"), **({"held_out": report} if report else {})},
+                     grid=grids[-1] if grids else None)
     logger.info("saved pipeline to %s", out)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: the accelerator's allocations, else the resident set (CPU)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 def main(argv: list[str] | None = None) -> Path:
+    started = time.perf_counter()
     cfg: TrainConfig = resolve_train_config(argv)
     model_cfg = with_resolution(model_preset(cfg.preset), cfg.resolution)
     out = Path(cfg.output_dir)
-    accelerator = start(cfg, model_cfg)
+    # One run per folder: another run's files there are refused (or cleared, once all checks pass)
+    previous_run = check_output_dir(out, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
+    accelerator, cfg = start(cfg)
 
     # ---------------------------------------------------------------- 1. models
     weight_dtype, train_dtype = training_dtypes(accelerator.mixed_precision, cfg.train_dtype)
@@ -194,9 +264,16 @@ def main(argv: list[str] | None = None) -> Path:
         max_image_pixels=cfg.max_image_pixels, tokenizer=tokenizer)
     if cfg.max_train_samples:
         dataset = dataset.select(range(min(cfg.max_train_samples, len(dataset))))
+    global_batch = cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    if len(dataset) < cfg.train_batch_size * accelerator.num_processes:
+        logger.warning("the data set has %d examples, fewer than one batch (%d x %d processes): every step "
+                       "uses those %d (global batch %d, not %d)", len(dataset), cfg.train_batch_size,
+                       accelerator.num_processes, len(dataset), len(dataset) * cfg.gradient_accumulation_steps,
+                       global_batch)
     procs = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                  wait_for_everyone=accelerator.wait_for_everyone, should_stop=stop.check)
     vae.to(accelerator.device)  # frozen: encodes the cached latents, or each batch in the loop
+    first_stage_psnr = check_first_stage(vae, dataset, cfg, model_cfg.resolution) if accelerator.is_main_process else None
     text_cache = None
     try:  # the frozen VAE (and a frozen text encoder, with --cache_dir) encode the data once
         dataloader, sampler = training_dataloader(
@@ -216,9 +293,8 @@ def main(argv: list[str] | None = None) -> Path:
         return out
 
     # ---------------------------------------------------------------- 3. optimizer
-    groups = [{"params": trainable_parameters(unet), "lr": cfg.learning_rate}]
-    if train_te:
-        groups.append({"params": trainable_parameters(text_encoder), "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    base_lrs = [cfg.learning_rate, *([cfg.text_encoder_lr or cfg.learning_rate] if train_te else [])]
+    groups = [{"params": trainable_parameters(m), "lr": lr} for m, lr in zip([unet, text_encoder], base_lrs)]
     optimizer = make_adamw(groups, eight_bit=cfg.use_8bit_adam, betas=(cfg.adam_beta1, cfg.adam_beta2),
                            weight_decay=cfg.adam_weight_decay)
     # The prepared scheduler steps once per process per optimizer step, hence the factor.
@@ -252,10 +328,13 @@ def main(argv: list[str] | None = None) -> Path:
                                        pretrained_vae=pretrained_vae, prediction_type=prediction_type,
                                        trained=list(trained), data=ckpt.data_fingerprint(dataset))
     resumed = ckpt.resume(accelerator, out, cfg.resume_from_checkpoint, fingerprint, emas,
-                          allow_config_drift=cfg.allow_config_drift)  # its step, or None
+                          allow_config_drift=cfg.allow_config_drift, lr_scheduler=lr_scheduler,
+                          learning_rates=base_lrs)  # its step, or None
     global_step = resumed or 0
     first_epoch = global_step // steps_per_epoch
     skip_batches = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        write_run_files(cfg, model_cfg, previous_run)
     trace = StepTrace(out / "train_log.jsonl", resumed_step=resumed, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_ldm", config={k: v for k, v in cfg.to_dict().items()
@@ -280,7 +359,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # ---------------------------------------------------------------- 5. train
     logger.info("training: %d examples, %d steps, global batch %d, %d epochs", len(dataset),
-                cfg.max_train_steps, fingerprint["global_batch"], num_epochs)
+                cfg.max_train_steps, min(global_batch, len(dataset) * cfg.gradient_accumulation_steps), num_epochs)
     progress = tqdm(range(cfg.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     loss_sum, loss_count, loss = torch.zeros((), device=accelerator.device), 0, torch.zeros(())
@@ -398,13 +477,19 @@ def main(argv: list[str] | None = None) -> Path:
             validate_with_ema(global_step)
         for name, ema in emas.items():  # the saved model holds the EMA weights
             ema.copy_to(trainable_parameters(trained[name]))
-        save_pipeline(build_pipeline(), cfg, train_te=train_te, run_info={
+        wall = time.perf_counter() - started
+        captions = [c for cell in dataset["text"] for c in ([cell] if isinstance(cell, str) else cell)]
+        save_pipeline(build_pipeline(), cfg, train_te=train_te, captions=captions, run_info={
             "global_step": global_step, "num_processes": accelerator.num_processes, "final_loss": step_loss,
-            "prediction_type": prediction_type, "skipped_updates": skipped})
+            "prediction_type": prediction_type, "skipped_updates": skipped, "num_examples": len(dataset),
+            "mixed_precision": accelerator.mixed_precision, "first_stage_psnr_db": first_stage_psnr,
+            "wall_time_s": round(wall, 1), "steps_per_s": round((global_step - (resumed or 0)) / wall, 3),
+            "images_per_s": round((global_step - (resumed or 0)) * global_batch / wall, 2),
+            "peak_memory_mb": peak_memory_mb(accelerator.device)})
     accelerator.end_training()
     stop.restore()
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
