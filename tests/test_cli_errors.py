@@ -137,7 +137,6 @@ LDM_CASES = {
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="until run_cli is wired into training/train_ldm.py")
 @pytest.mark.parametrize("case", list(LDM_CASES))
 def test_train_ldm_refuses_a_mistake_in_one_line(tmp_path, case):
     args, expected = LDM_CASES[case]
@@ -148,7 +147,6 @@ def test_train_ldm_refuses_a_mistake_in_one_line(tmp_path, case):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="until run_cli is wired into training/train_ldm.py")
 def test_train_ldm_refuses_an_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "out").write_text("x")
     assert_one_line_error(run("train_ldm.py", ["--output_dir", str(tmp_path / "out")]), "out: not a folder")
