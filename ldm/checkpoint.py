@@ -215,6 +215,10 @@ def run_fingerprint(cfg: Any, model_cfg: Any, *, world_size: int, zero_terminal_
     trained modules ("unet", "text_encoder"); data: `data_fingerprint` of the data set."""
     train_te = "text_encoder" in trained
     frozen_token_embedding = train_te and not cfg.train_token_embedding
+    # A local VAE folder is known by its weights, not its path: a moved or re-cloned checkout
+    # resumes, a retrained VAE at the same path does not.
+    pretrained_vae = weights_id(pretrained_vae)
+    model_cfg = dataclasses.replace(model_cfg, pretrained_vae=weights_id(model_cfg.pretrained_vae))
     return {
         "global_batch": cfg.train_batch_size * world_size * cfg.gradient_accumulation_steps,
         "world_size": world_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -231,6 +235,16 @@ def run_fingerprint(cfg: Any, model_cfg: Any, *, world_size: int, zero_terminal_
         "timestep_bias": [cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
                           cfg.timestep_bias_end_multiplier],
     }
+
+
+def weights_id(source: str | None) -> str | None:
+    """A local diffusers model folder -> a hash of its weights file(s); anything else unchanged."""
+    if not source or not Path(source).is_dir():
+        return source
+    files = sorted(Path(source).glob("*.safetensors"))
+    if not files:
+        return source
+    return "weights " + hashlib.sha256("".join(_sha256(f) for f in files).encode()).hexdigest()[:16]
 
 
 def check_drift(path: Path, fingerprint: dict, allow_config_drift: bool = False) -> list[str]:

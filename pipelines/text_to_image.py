@@ -29,6 +29,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ldm.diffusion import classifier_free_guidance, rescale_guidance
 from ldm.schedulers import diffusers_class, make_sampler, set_timesteps, with_fixes
 from ldm.text import encode_tokens, tokenize, write_bpe_files
+from ldm.models import vae_scale_factor
 from ldm.vae_utils import configure_vae, decode_latents
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -52,7 +53,7 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         scheduler = with_fixes(scheduler)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(self.vae.config)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------ conveniences

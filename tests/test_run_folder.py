@@ -59,6 +59,7 @@ def test_an_output_path_that_is_a_file_or_resume_with_overwrite_is_refused(tmp_p
 
 
 # ------------------------------------------------------------------ checkpoints of the folder
+import dataclasses  # noqa: E402
 import errno  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -209,3 +210,24 @@ def test_a_failed_start_writes_nothing_and_a_tiny_data_set_is_named(tmp_path):
                "--checkpointing_steps", "0")
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "the data set has 2 examples, fewer than one batch (4 x 1 processes)" in ok.stderr
+
+
+def test_the_run_fingerprint_knows_a_vae_folder_by_its_weights_not_its_path(tmp_path):
+    import shutil
+
+    from ldm.config import TrainConfig, model_preset
+
+    preset = model_preset("tiny")
+    moved = tmp_path / "moved_vae"
+    shutil.copytree(preset.pretrained_vae, moved)
+
+    def fingerprint(vae_dir):
+        cfg = TrainConfig()
+        model_cfg = dataclasses.replace(preset, pretrained_vae=str(vae_dir))
+        return ckpt.run_fingerprint(cfg, model_cfg, world_size=1, zero_terminal_snr=False, pretrained_vae=str(vae_dir),
+                                    prediction_type="v_prediction", trained=["unet"], data="d")
+
+    assert fingerprint(preset.pretrained_vae) == fingerprint(moved)  # a moved checkout resumes
+    weights = moved / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    assert fingerprint(preset.pretrained_vae)["model"] != fingerprint(moved)["model"]  # other weights: another run
