@@ -54,7 +54,7 @@ def commands(text: str | None = None) -> list[str]:
 
 
 def needs_gpus(cmd: str) -> bool:
-    return "--multi_gpu" in cmd and "ACCELERATE_USE_CPU=true" not in cmd
+    return ("--multi_gpu" in cmd or "--config_file configs/" in cmd) and "ACCELERATE_USE_CPU=true" not in cmd
 
 
 def test_readme_lists_the_quick_start_and_launches():
@@ -62,20 +62,22 @@ def test_readme_lists_the_quick_start_and_launches():
     assert cmds[0] == ('pip install -e ".[dev]" && accelerate launch --config_file accelerate_config.yaml '
                        "training/train_ldm.py")
     assert cmds[1] == 'pip install -e ".[dev]" && pytest'
-    assert sum(needs_gpus(c) for c in commands()) == 2  # multi-GPU and multi-node, not runnable here
+    gpu_only = [c for c in commands() if needs_gpus(c)]
+    assert len(gpu_only) == 5  # multi-GPU, multi-node, DDP / FSDP / ZeRO-2 configs: not runnable here
+    for cmd in gpu_only:  # listed, so at least their accelerate config must exist
+        assert (ROOT / re.search(r"--config_file (\S+)", cmd).group(1)).exists(), cmd
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -e ".[dev]"' in ci and "\npytest\n" in ci
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_components):
-    """A user's working directory: the repo's entry points, and outputs/ldm already trained."""
-    from conftest import make_pipeline
-
+def workdir(tmp_path_factory):
+    """A user's working directory: the repo's entry points, configs and package (for its shipped VAE,
+    ldm/assets/tiny_vae). The quick start, run first, writes outputs/ldm (a run refuses a folder
+    holding another run, so nothing may be there before it)."""
     work = tmp_path_factory.mktemp("readme")
-    for name in ("training", "benchmarks", "accelerate_config.yaml"):
+    for name in ("training", "benchmarks", "configs", "ldm", "accelerate_config.yaml"):
         (work / name).symlink_to(ROOT / name)
-    make_pipeline(tiny_components, "dpm++").save_pretrained(work / "outputs" / "ldm")
     return work
 
 
@@ -108,8 +110,10 @@ def test_every_readme_command_runs(workdir):
             cmd += " --noises 2"
         elif cmd.startswith("python training/evaluate.py"):
             cmd += " --images_per_case 1 --num_inference_steps 2"
+        elif cmd.startswith("python training/evaluate_vae.py"):
+            cmd += " --num_images 16"
         elif "training/train_vae.py" in cmd:
-            cmd += " --max_train_steps 2 --builtin_num_images 32 --train_batch_size 8"
+            cmd += " --max_train_steps 2 --builtin_num_images 32 --diverse_num_images 32 --train_batch_size 8"
         elif "accelerate launch" in cmd:
             cmd += " " + " ".join(SHORT)
             if "--resume_from_checkpoint" in cmd:
@@ -122,11 +126,13 @@ def test_every_readme_command_runs(workdir):
         ran += 1
         if "--resume_from_checkpoint" in cmd:
             assert "resumed from" in proc.stderr
-    assert ran == 21
+    assert ran == 27
     assert (workdir / "data" / "shapes" / "metadata.jsonl").exists()
     for out in ("ldm", "shapes", "ldm-finetuned", "sd15-finetuned", "shapes-again", "ddp-cpu", "custom_ldm"):
         assert (workdir / "outputs" / out / "model_index.json").exists(), out
-    assert (workdir / "outputs" / "tiny_vae" / "config.json").exists()
+    for out in ("tiny_vae", "my_vae", "diverse_vae", "my_vae_ft", "tiny_vae_diverse"):
+        assert (workdir / "outputs" / out / "config.json").exists(), out
+    assert len(list((workdir / "outputs" / "eval_vae").glob("*/metrics.json"))) == 2
     assert (workdir / "outputs" / "ldm-lora" / "pytorch_lora_weights.safetensors").exists()
     assert (workdir / "outputs" / "ldm" / "eval" / "eval.json").exists()
     assert (workdir / "outputs" / "custom_ldm" / "eval" / "eval.json").exists()
