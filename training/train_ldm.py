@@ -202,6 +202,7 @@ def save_pipeline(pipe: TextToImagePipeline, cfg: TrainConfig, *, train_te: bool
     if run_info.get("final_loss") is not None:
         write_training_curves(out)
     grids = sorted((out / "samples").glob("step_*.png"))
+    captions = [c for cell in captions for c in ([cell] if isinstance(cell, str) else cell)]  # cells may hold several
     write_model_card(out, cfg.to_dict(), run_info=run_info, defaults=TrainConfig().to_dict(),
                      data_stats={"source": cfg.train_data_dir or cfg.dataset_name or "built-in shapes",
                                  "size": run_info.get("num_examples"), "captions": caption_stats(captions)},
@@ -210,13 +211,28 @@ def save_pipeline(pipe: TextToImagePipeline, cfg: TrainConfig, *, train_te: bool
     logger.info("saved pipeline to %s", out)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: the accelerator's allocations, else the resident set (CPU)."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    import resource
+def effective_global_batch(cfg: TrainConfig, num_processes: int, num_examples: int) -> int:
+    """Samples per optimizer step; a data set smaller than one batch makes every step use all of it (warned)."""
+    asked = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
+    if num_examples >= cfg.train_batch_size * num_processes:
+        return asked
+    logger.warning("the data set has %d examples, fewer than one batch (%d x %d processes): every step uses "
+                   "those %d (global batch %d, not %d)", num_examples, cfg.train_batch_size, num_processes,
+                   num_examples, num_examples * cfg.gradient_accumulation_steps, asked)
+    return num_examples * cfg.gradient_accumulation_steps
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+def throughput(wall_s: float, steps: int, global_batch: int, device: torch.device) -> dict:
+    """run_info's speed figures: wall time from start-up to the end of training, steps and images
+    per second of it, and peak memory (the accelerator's allocations, else the CPU resident set)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"wall_time_s": round(wall_s, 1), "steps_per_s": round(steps / wall_s, 3),
+            "images_per_s": round(steps * global_batch / wall_s, 2), "peak_memory_mb": round(peak, 1)}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -264,12 +280,7 @@ def main(argv: list[str] | None = None) -> Path:
         max_image_pixels=cfg.max_image_pixels, tokenizer=tokenizer)
     if cfg.max_train_samples:
         dataset = dataset.select(range(min(cfg.max_train_samples, len(dataset))))
-    global_batch = cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    if len(dataset) < cfg.train_batch_size * accelerator.num_processes:
-        logger.warning("the data set has %d examples, fewer than one batch (%d x %d processes): every step "
-                       "uses those %d (global batch %d, not %d)", len(dataset), cfg.train_batch_size,
-                       accelerator.num_processes, len(dataset), len(dataset) * cfg.gradient_accumulation_steps,
-                       global_batch)
+    global_batch = effective_global_batch(cfg, accelerator.num_processes, len(dataset))
     procs = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                  wait_for_everyone=accelerator.wait_for_everyone, should_stop=stop.check)
     vae.to(accelerator.device)  # frozen: encodes the cached latents, or each batch in the loop
@@ -359,7 +370,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # ---------------------------------------------------------------- 5. train
     logger.info("training: %d examples, %d steps, global batch %d, %d epochs", len(dataset),
-                cfg.max_train_steps, min(global_batch, len(dataset) * cfg.gradient_accumulation_steps), num_epochs)
+                cfg.max_train_steps, global_batch, num_epochs)
     progress = tqdm(range(cfg.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     loss_sum, loss_count, loss = torch.zeros((), device=accelerator.device), 0, torch.zeros(())
@@ -477,15 +488,11 @@ def main(argv: list[str] | None = None) -> Path:
             validate_with_ema(global_step)
         for name, ema in emas.items():  # the saved model holds the EMA weights
             ema.copy_to(trainable_parameters(trained[name]))
-        wall = time.perf_counter() - started
-        captions = [c for cell in dataset["text"] for c in ([cell] if isinstance(cell, str) else cell)]
-        save_pipeline(build_pipeline(), cfg, train_te=train_te, captions=captions, run_info={
+        save_pipeline(build_pipeline(), cfg, train_te=train_te, captions=list(dataset["text"]), run_info={
             "global_step": global_step, "num_processes": accelerator.num_processes, "final_loss": step_loss,
             "prediction_type": prediction_type, "skipped_updates": skipped, "num_examples": len(dataset),
             "mixed_precision": accelerator.mixed_precision, "first_stage_psnr_db": first_stage_psnr,
-            "wall_time_s": round(wall, 1), "steps_per_s": round((global_step - (resumed or 0)) / wall, 3),
-            "images_per_s": round((global_step - (resumed or 0)) * global_batch / wall, 2),
-            "peak_memory_mb": peak_memory_mb(accelerator.device)})
+            **throughput(time.perf_counter() - started, global_step - (resumed or 0), global_batch, accelerator.device)})
     accelerator.end_training()
     stop.restore()
     return out
