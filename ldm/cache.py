@@ -494,21 +494,24 @@ def unique_captions(cells: Iterable[str | Sequence[str]]) -> list[str]:
 class TextEmbeddingCache:
     """Hidden states (L, D) of a frozen text encoder per caption, keyed by the caption's token ids.
 
-    dtype: what is stored (default: the encoder's weights' dtype). settings: anything besides the
-    weights that changes the output (e.g. {"autocast": "fp16"}). in_memory: `lookup` serves
-    tensors loaded by `ensure` instead of reading a file per caption.
+    cache_dir: None keeps the entries in memory, for this object's life and this process only
+    (`MemoryStore`, as `LatentCache`). dtype: what is stored (default: the encoder's weights'
+    dtype). settings: anything besides the weights that changes the output (e.g. {"autocast":
+    "fp16"}). in_memory: `lookup` serves tensors loaded by `ensure` instead of reading a file per
+    caption.
     """
 
-    def __init__(self, cache_dir: str | Path, text_encoder, tokenizer, *, output: str = "last_hidden_state",
+    def __init__(self, cache_dir: str | Path | None, text_encoder, tokenizer, *, output: str = "last_hidden_state",
                  dtype: torch.dtype | None = None, settings: dict[str, Any] | None = None, in_memory: bool = True):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.text_encoder, self.tokenizer, self.output = text_encoder, tokenizer, output
         self.dtype = dtype or text_encoder.dtype
-        self.model_id = weights_hash(text_encoder)
+        # In memory nothing outlives the weights: no need to hash them.
+        self.model_id = weights_hash(text_encoder) if cache_dir is not None else "in-memory"
         self.settings = dict(settings or {})
-        self.in_memory = in_memory
-        self.store = EntryStore(Path(cache_dir) / "text", "context")
+        self.in_memory = in_memory or cache_dir is None
+        self.store = EntryStore(Path(cache_dir) / "text", "context") if cache_dir is not None else MemoryStore("context")
         self.hidden_size = text_encoder.config.hidden_size
         self._keys: dict[str, tuple[str, int]] = {}  # caption -> (key, number of tokens L)
         self._memory: dict[str, torch.Tensor] = {}  # key -> (L, D)

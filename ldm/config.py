@@ -263,8 +263,8 @@ class TrainConfig:
                                 default=True)
     cache_dir: str | None = _help("on-disk latent / text-embedding cache, keyed by image content, model "
                                   "weights and preprocessing (default: in memory only)", default=None)
-    cache_text_embeddings: bool = _help("with --cache_dir and a frozen text encoder, also cache each caption's "
-                                        "embeddings", default=True)
+    cache_text_embeddings: bool = _help("with a frozen text encoder, encode each caption once (in memory, or "
+                                        "under --cache_dir) instead of every step", default=True)
     cache_in_memory: bool = _help("load the --cache_dir entries into memory (off: read each step, for data "
                                   "larger than RAM)", default=True)
     dataloader_num_workers: int = _help("data loader worker processes", default=0)
@@ -292,10 +292,17 @@ class TrainConfig:
     max_nonfinite_steps: int = _help(
         "stop with an error after this many updates in a row skipped for a non-finite loss or "
         "gradient", default=20)
-    mixed_precision: str | None = _help("no | fp16 | bf16 (default: accelerate config)", default=None)
+    mixed_precision: str = _help(
+        "auto | no | fp16 | bf16. auto: accelerate's config when it asks for fp16/bf16 (its 'no', what "
+        "accelerate_config.yaml says, counts as unset), else bf16 on a CUDA GPU that supports it and "
+        "float32 elsewhere (CPU). Give 'no' for float32 on a GPU", default="auto")
     train_dtype: str = _help("without mixed precision, the dtype of the models and the loss: float32, or float64 "
                              "for numerical checks (slower; e.g. 1 vs 2 processes train the same weights within 1e-6)", default="float32")
     gradient_checkpointing: bool = _help("trade compute for memory", default=False)
+    channels_last: bool | None = _help("channels_last memory format for the U-Net and the VAE (default: on for "
+                                       "CUDA, off on CPU where it is no faster)", default=None)
+    torch_compile: bool = _help("torch.compile the U-Net's repeated blocks (regional compilation: short compile "
+                                "time; the first steps are slower)", default=False)
     use_ema: bool = _help("keep an EMA of the weights and save it", default=True)
     ema_decay: float = _help("EMA decay (with warm-up)", default=0.999)
     seed: int = _help("seed of weights, data order and noise", default=0)
@@ -492,7 +499,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--lora_rank must be >= 0, got {cfg.lora_rank}")
     if cfg.train_dtype not in ("float32", "float64"):
         raise UsageError(f"--train_dtype must be float32 or float64, got {cfg.train_dtype!r}")
-    if cfg.train_dtype != "float32" and (cfg.lora_rank or cfg.mixed_precision not in (None, "no")):
+    if cfg.train_dtype != "float32" and (cfg.lora_rank or cfg.mixed_precision not in (None, "auto", "no")):
         raise UsageError(f"--train_dtype {cfg.train_dtype} is for full training without mixed precision "
                          f"(got --lora_rank {cfg.lora_rank}, --mixed_precision {cfg.mixed_precision})")
     if cfg.lora_rank and not cfg.pretrained_model_name_or_path:
@@ -515,6 +522,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.timestep_bias_end_multiplier is not None and cfg.timestep_bias_end_multiplier < 0:
         raise UsageError(f"--timestep_bias_end_multiplier must be >= 0 (0: constant), "
                          f"got {cfg.timestep_bias_end_multiplier}")
+    if cfg.mixed_precision not in (None, "auto", "no", "fp16", "bf16"):
+        raise UsageError(f"--mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
     if cfg.attention_backend not in ("auto", "sdpa", "xformers"):
         raise UsageError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
     check_output_dir(cfg.output_dir)

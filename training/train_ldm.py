@@ -54,7 +54,8 @@ from ldm.models import (components_for_training, count_parameters, image_size_di
                         training_dtypes, with_resolution)
 from ldm.plots import write_training_curves
 from ldm.run_folder import check_output_dir, clear_run_files
-from ldm.runtime import GracefulStop, StopRequested, make_adamw, use_cpu_cores
+from ldm.runtime import (GracefulStop, StopRequested, gpu_settings, make_adamw, requested_mixed_precision,
+                         resolve_mixed_precision, use_cpu_cores)
 from ldm.schedulers import make_sampler, training_scheduler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from ldm.trace import StepTrace
@@ -118,11 +119,15 @@ def start(cfg: TrainConfig) -> tuple[Accelerator, TrainConfig]:
     Nothing is written to the output folder yet (`write_run_files`)."""
     out = Path(cfg.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    asked = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if asked == "fp16" and PartialState().device.type == "cpu":  # accelerate would silently run float32
+    asked = requested_mixed_precision(cfg.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    if asked == "auto" and cfg.train_dtype != "float32":  # float64 numerical checks: no mixed precision
+        asked = "no"
+    device = PartialState().device
+    precision = resolve_mixed_precision(asked, device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if asked == "fp16" and precision == "no":  # accelerate would silently run float32
         logging.getLogger("train_ldm").warning("fp16 mixed precision needs a GPU; running float32 on the CPU "
                                                "(bf16 works on CPUs); recorded as mixed_precision: no")
-        cfg = dataclasses.replace(cfg, mixed_precision="no")
+    cfg = dataclasses.replace(cfg, mixed_precision=precision)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -170,7 +175,8 @@ def check_first_stage(vae, dataset, cfg: TrainConfig, resolution: int) -> float:
 
 def cache_text(cfg: TrainConfig, accelerator: Accelerator, text_encoder, tokenizer, cells: list,
                procs: dict) -> TextEmbeddingCache:
-    """A frozen text encoder's output for every caption of `cells`, encoded once into --cache_dir."""
+    """A frozen text encoder's output for every caption of `cells`, encoded once (into --cache_dir,
+    else in memory)."""
     text_cache = TextEmbeddingCache(cfg.cache_dir, text_encoder, tokenizer, in_memory=cfg.cache_in_memory,
                                     settings={"autocast": accelerator.mixed_precision})
     with accelerator.autocast():  # as the prepared encoder runs in the loop
@@ -264,7 +270,8 @@ def main(argv: list[str] | None = None) -> Path:
                                    lora_alpha=cfg.lora_alpha, weight_dtype=weight_dtype, train_dtype=train_dtype,
                                    gradient_checkpointing=cfg.gradient_checkpointing)  # name -> module
     train_te = "text_encoder" in trained
-    configure_attention([unet, vae], cfg.attention_backend, accelerator.device)
+    configure_attention([unet, vae], cfg.attention_backend, accelerator.device, weight_dtype)  # + flash check
+    gpu_settings(unet, vae, accelerator.device, channels_last=cfg.channels_last, torch_compile=cfg.torch_compile)
     logger.info("parameters: unet %.2fM, vae %.2fM (frozen), text encoder %.2fM (%s); prediction: %s",
                 count_parameters(unet) / 1e6, count_parameters(vae) / 1e6,
                 count_parameters(text_encoder) / 1e6, "trained" if train_te else "frozen", prediction_type)
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> Path:
             bucket_no_upscale=cfg.bucket_no_upscale, cache_latents=cfg.cache_latents, cache_dir=cfg.cache_dir,
             cache_in_memory=cfg.cache_in_memory, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
             num_workers=cfg.dataloader_num_workers, **procs)
-        if cfg.cache_dir and cfg.cache_text_embeddings and not train_te:
+        if cfg.cache_text_embeddings and not train_te:  # in memory, or under --cache_dir
             text_cache = cache_text(cfg, accelerator, text_encoder.to(accelerator.device, dtype=weight_dtype),
                                     tokenizer, list(dataset["text"]), procs)
     except StopRequested:
