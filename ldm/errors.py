@@ -25,3 +25,20 @@ def run_cli(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None
+
+
+def check_positive(args: Any, *names: str) -> None:
+    """Each `--name` of an argparse namespace must be >= 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+
+
+def existing_folder(flag: str, value: str) -> "Path":
+    """`value` of `flag` as a Path, which must be a folder."""
+    from pathlib import Path
+
+    path = Path(value)
+    if not path.is_dir():
+        raise UsageError(f"{flag} {value}: {'not a folder' if path.exists() else 'no such folder'}")
+    return path

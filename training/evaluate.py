@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 
 from ldm.evaluation import Case, evaluate_pipeline, held_out_cases, save_report, summary
 from ldm.config import check_output_dir
-from ldm.errors import UsageError, run_cli
+from ldm.errors import UsageError, check_positive, existing_folder, run_cli
 from ldm.judge import Judge
 
 
@@ -74,12 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sampler", default=None, help="override the saved scheduler (e.g. ddim, dpm++)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name in ("images_per_case", "num_inference_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    pipeline = Path(args.pipeline)
-    if not pipeline.is_dir():
-        raise UsageError(f"--pipeline {args.pipeline}: {'not a folder' if pipeline.exists() else 'no such folder'}")
+    check_positive(args, "images_per_case", "num_inference_steps")
+    pipeline = existing_folder("--pipeline", args.pipeline)
     if not (pipeline / "model_index.json").is_file():
         raise UsageError(f"--pipeline {args.pipeline}: not a pipeline folder (no model_index.json)")
     check_output_dir(args.out or str(pipeline / "eval"), "--out")

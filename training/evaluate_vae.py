@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.config import check_output_dir
-from ldm.errors import UsageError, run_cli
+from ldm.errors import UsageError, check_positive, existing_folder, run_cli
 
 DATA = ("builtin", "other-palette", "photos-heldout", "diverse")
 
@@ -71,12 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.train_data_dir and args.data:
         raise UsageError("--train_data_dir and --data: give one of them")
-    for name in ("num_images", "resolution"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    vae_path = Path(args.vae)
-    if not vae_path.is_dir():
-        raise UsageError(f"--vae {args.vae}: {'not a folder' if vae_path.exists() else 'no such folder'}")
+    check_positive(args, "num_images", "resolution")
+    vae_path = existing_folder("--vae", args.vae)
     if not ((vae_path / "config.json").is_file() or (vae_path / "vae" / "config.json").is_file()):
         raise UsageError(f"--vae {args.vae}: neither a VAE folder (config.json) nor a pipeline folder with vae/")
     if args.train_data_dir:
