@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -122,7 +122,9 @@ def start(cfg: TrainConfig) -> tuple[Accelerator, TrainConfig]:
     asked = requested_mixed_precision(cfg.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
     if asked == "auto" and cfg.train_dtype != "float32":  # float64 numerical checks: no mixed precision
         asked = "no"
-    device = PartialState().device
+    # ACCELERATE_USE_CPU must reach the shared state created here, or each process of a CPU group
+    # would see a world of its own
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
     precision = resolve_mixed_precision(asked, device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
     if asked == "fp16" and precision == "no":  # accelerate would silently run float32
         logging.getLogger("train_ldm").warning("fp16 mixed precision needs a GPU; running float32 on the CPU "
