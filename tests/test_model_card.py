@@ -62,7 +62,7 @@ def test_card_lists_the_non_default_settings_and_only_those():
     card = finetune_card()
     section = card.split("## Settings that differ from the defaults")[1]
     for setting, value, default in (("learning_rate", "0.0001", "0.001"), ("max_train_steps", "500", "2400"),
-                                    ("mixed_precision", "bf16", "—"), ("train_batch_size", "8", "32")):
+                                    ("mixed_precision", "bf16", "auto"), ("train_batch_size", "8", "32")):
         assert f"| `{setting}` | `{value}` | `{default}` |" in section, setting
     assert "`seed`" not in section and "`lr_scheduler`" not in section  # defaults stay out
 
