@@ -137,16 +137,6 @@ LDM_CASES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(LDM_CASES))
-def test_train_ldm_refuses_a_mistake_in_one_line(tmp_path, case):
-    args, expected = LDM_CASES[case]
-    out = tmp_path / "out"
-    proc = run("train_ldm.py", ["--output_dir", str(out), *args(tmp_path)])
-    assert_one_line_error(proc, expected)
-    assert not out.exists()  # nothing written
-
-
-@pytest.mark.slow
 def test_train_ldm_refuses_an_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "out").write_text("x")
     assert_one_line_error(run("train_ldm.py", ["--output_dir", str(tmp_path / "out")]), "out: not a folder")
@@ -165,13 +155,13 @@ VAE_CASES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(VAE_CASES))
-def test_train_vae_refuses_a_mistake_in_one_line(tmp_path, case):
-    args, expected = VAE_CASES[case]
+@pytest.mark.parametrize("script, case", [("train_ldm.py", c) for c in LDM_CASES] + [("train_vae.py", c) for c in VAE_CASES])
+def test_a_training_script_refuses_a_mistake_in_one_line(tmp_path, script, case):
+    args, expected = {"train_ldm.py": LDM_CASES, "train_vae.py": VAE_CASES}[script][case]
     out = tmp_path / "out"
-    proc = run("train_vae.py", ["--output_dir", str(out), *args(tmp_path)])
+    proc = run(script, ["--output_dir", str(out), *args(tmp_path)])
     assert_one_line_error(proc, expected)
-    assert not out.exists()
+    assert not out.exists()  # nothing written
 
 
 # ------------------------------------------------------------------------------- evaluate.py, check_data.py
