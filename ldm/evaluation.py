@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.images import image_grid
+from ldm.images import labelled_grid
 from ldm.judge import Judge, default_judge
 from ldm.synthetic import eval_prompt, held_out_compositions
 
@@ -67,11 +67,17 @@ def evaluate_pipeline(pipe, cases: list[Case], *, judge: Judge | None = None, im
     return report, images
 
 
-def save_report(report: dict, images: list, out_dir: str | Path, images_per_case: int) -> Path:
+def save_report(report: dict, images: list, out_dir: str | Path, images_per_case: int,
+                title: str | None = None) -> Path:
+    """eval.json and eval_grid.png: a row per case labelled with its prompt; the title is `title`
+    (e.g. the step) followed by the scores."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    image_grid(images, cols=images_per_case).save(out / "eval_grid.png")
+    prompts = [case["prompt"] for case in report["cases"]]
+    heading = f"{title}: {summary(report)}" if title else summary(report)
+    labelled_grid(images, rows=len(prompts), cols=images_per_case, row_labels=prompts,
+                  title=heading).save(out / "eval_grid.png")
     return out / "eval.json"
 
 

@@ -7,7 +7,7 @@
 Image i of every prompt uses seed + i (one generator each), so an image does not change with the
 number of prompts, --num_images or --batch_size. Each PNG is named `<prompt slug>-<seed>.png` and
 carries its settings in PNG text chunks: `parameters` in AUTOMATIC1111's layout (which A1111's
-"PNG Info" tab and ComfyUI read) plus one key per setting. `grid.png` has a row per prompt.
+"PNG Info" tab and ComfyUI read) plus one key per setting. `grid.png` has a row per prompt, labelled with it, and the settings in its title.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     import torch
     from tqdm.auto import tqdm
 
-    from ldm.images import image_grid
+    from ldm.images import labelled_grid
     from pipelines import TextToImagePipeline
 
     try:
@@ -246,7 +246,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 images[p, i] = image
             bar.update(len(chunk))
 
-    grid = image_grid([images[job] for job in jobs], cols=args.num_images)  # a row per prompt
+    # a row per prompt, labelled with it; the settings in the title
+    title = (f"{Path(args.model).name} | {args.sampler}, {args.steps} steps, CFG {args.guidance} | "
+             f"seeds {args.seed}-{args.seed + args.num_images - 1}")
+    grid = labelled_grid([images[job] for job in jobs], rows=len(prompts), cols=args.num_images,
+                         row_labels=prompts, title=title)
     # The grid's chunks: the settings of its first image, plus every row's prompt and the seeds of the columns.
     grid_chunks = {**ImageSettings(prompt=prompts[0], negative_prompt=args.negative_prompt, seed=args.seed,
                                    steps=args.steps, guidance=args.guidance, sampler=args.sampler, width=width,

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ldm.errors import UsageError
+from ldm.images import LABEL_WIDTH
 from ldm.lora import add_lora, save_lora
 from ldm.schedulers import SAMPLERS
 from pipelines import TextToImagePipeline
@@ -177,8 +178,9 @@ def test_cli_writes_named_pngs_with_settings_and_a_grid(base, tmp_path):
             assert_same_image(out / names[2 * i + j], np.asarray(image))
 
     grid = Image.open(out / "grid.png")
-    assert grid.size == (2 * 32, 2 * 32)  # columns: images, rows: prompts
-    top_right = np.asarray(grid.convert("RGB"))[:32, 32:]
+    top = grid.height - 2 * 32  # the title band
+    assert grid.size == (LABEL_WIDTH + 2 * 32, top + 2 * 32) and top > 0  # columns: images, rows: prompts
+    top_right = np.asarray(grid.convert("RGB"))[top:top + 32, LABEL_WIDTH + 32:]
     assert np.array_equal(top_right, np.asarray(Image.open(out / "a-red-circle-11.png").convert("RGB")))
 
 

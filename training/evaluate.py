@@ -59,6 +59,15 @@ def read_colors(path: str) -> Judge:
     return Judge({k: tuple(v) for k, v in data.items()})
 
 
+def grid_title(pipeline: Path) -> str:
+    """The folder's name and, for a training run's folder, its step (run_info.json)."""
+    try:
+        step = json.loads((pipeline / "run_info.json").read_text()).get("global_step")
+    except (OSError, ValueError):
+        step = None
+    return f"{pipeline.name} step {step}" if step is not None else pipeline.name
+
+
 def main(argv: list[str] | None = None) -> dict:
     from pipelines import TextToImagePipeline
 
@@ -93,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     report, images = evaluate_pipeline(pipe, cases, judge=judge, images_per_case=args.images_per_case,
                                        num_inference_steps=args.num_inference_steps,
                                        guidance_scale=args.guidance_scale, seed=args.seed)
-    path = save_report(report, images, args.out or Path(args.pipeline) / "eval", args.images_per_case)
+    path = save_report(report, images, args.out or Path(args.pipeline) / "eval", args.images_per_case,
+                       title=grid_title(pipeline))
     print(f"{summary(report)} -> {path}")
     return report
 
