@@ -197,7 +197,7 @@ def check_pickles(path: Path, process_index: int = 0) -> None:
 # Anything else in the fingerprint (step count, LR schedule) is reported with a warning, so that
 # a run can be extended.
 STRICT_KEYS = ("global_batch", "world_size", "gradient_accumulation_steps", "resolution", "seed", "model", "data",
-               "lora")
+               "lora", "optimizer")
 
 
 def drift(saved: dict, current: dict) -> list[tuple[str, str]]:
@@ -230,6 +230,8 @@ def run_fingerprint(cfg: Any, model_cfg: Any, *, world_size: int, zero_terminal_
         "data": data, **({"lora": [cfg.lora_rank, cfg.lora_alpha]} if cfg.lora_rank else {}),
         **({"aspect_buckets": [cfg.aspect_buckets, cfg.bucket_no_upscale]} if cfg.aspect_buckets else {}),
         **({"train_dtype": cfg.train_dtype} if cfg.train_dtype != "float32" else {}),
+        # another optimizer's state cannot be loaded (absent for adamw: older checkpoints resume)
+        **({"optimizer": cfg.optimizer} if cfg.optimizer != "adamw" else {}),
         # not strict: a changed value is logged on resume and used from then on
         "text_encoder_lr": cfg.text_encoder_lr, "caption_dropout": cfg.caption_dropout,
         "timestep_bias": [cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
@@ -260,22 +262,28 @@ def check_drift(path: Path, fingerprint: dict, allow_config_drift: bool = False)
 
 
 def save(accelerator: Any, output_dir: str | Path, step: int, fingerprint: dict, modules: dict[str, Any],
-         emas: dict[str, EMAModel], keep: int | None = None) -> None:
+         emas: dict[str, EMAModel], keep: int | None = None, extra: dict[str, Any] | None = None) -> None:
     """Every process: write checkpoint `step` of a run (accelerate's state of the prepared models,
     optimizer, LR schedule, samplers and RNGs; the EMAs as safetensors) into its temp folder,
     commit it (marker last, then rename) and rotate to the `keep` newest. Refuses NaN / Inf in
-    `modules` or the EMAs before writing anything."""
+    `modules` or the EMAs before writing anything. `extra`: name -> an object whose `state_dict()`
+    holds only tensors (e.g. ldm.posthoc_ema.PowerEMA), saved as `<name>.safetensors`."""
     final = checkpoint_dir(output_dir, step)
     tmp = temp_dir(final)
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # a leftover from a run killed mid-save
-    check_finite({**modules, **{f"ema_{n}": e.shadow_params for n, e in emas.items()}})
+    extra = extra or {}
+    check_finite({**modules, **{f"ema_{n}": e.shadow_params for n, e in emas.items()},
+                  **{n: list(x.state_dict().values()) for n, x in extra.items()}})
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             for name, ema in emas.items():
                 save_ema(ema, tmp / f"ema_{name}.safetensors")
+            for name, state in extra.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in state.state_dict().items()},
+                          str(tmp / f"{name}.safetensors"))
             commit(final, step, fingerprint)
     except (OSError, RuntimeError) as err:
         explained = explain_failed_save(err, tmp, expected_size(modules, emas))
@@ -290,11 +298,12 @@ def save(accelerator: Any, output_dir: str | Path, step: int, fingerprint: dict,
 
 def resume(accelerator: Any, output_dir: str | Path, resume_from: str | None, fingerprint: dict,
            emas: dict[str, EMAModel], *, allow_config_drift: bool = False, lr_scheduler: Any = None,
-           learning_rates: list[float] | None = None) -> int | None:
+           learning_rates: list[float] | None = None, extra: dict[str, Any] | None = None) -> int | None:
     """Every process: `--resume_from_checkpoint` (`resolve_resume`) -> the step resumed from, with
-    the state and EMAs loaded; None for a fresh start. A checkpoint of another run is refused
-    (`check_drift`); other changed settings are logged (main process). `learning_rates` (one per
-    optimizer group) replace the restored ones, so a changed --learning_rate takes effect."""
+    the state, EMAs and `extra` states (as `save` takes them) loaded; None for a fresh start. A
+    checkpoint of another run is refused (`check_drift`); other changed settings are logged (main
+    process). `learning_rates` (one per optimizer group) replace the restored ones, so a changed
+    --learning_rate takes effect."""
     found = resolve_resume(output_dir, resume_from)
     main = accelerator.is_main_process
     if found is None:
@@ -305,7 +314,7 @@ def resume(accelerator: Any, output_dir: str | Path, resume_from: str | None, fi
     for line in check_drift(path, fingerprint, allow_config_drift):
         if main:
             logger.warning("resuming with a changed setting: %s", line)
-    load(accelerator, path, emas)
+    load(accelerator, path, emas, extra)
     if lr_scheduler is not None and learning_rates is not None:
         before = set_base_learning_rates(lr_scheduler, learning_rates)
         if before != list(learning_rates) and main:
@@ -335,12 +344,18 @@ def set_base_learning_rates(lr_scheduler: Any, learning_rates: list[float]) -> l
     return before
 
 
-def load(accelerator: Any, path: Path, emas: dict[str, EMAModel]) -> None:
+def load(accelerator: Any, path: Path, emas: dict[str, EMAModel], extra: dict[str, Any] | None = None) -> None:
     """Every process: restore a checkpoint `save` wrote (pickles checked first, `check_pickles`)."""
     check_pickles(path, accelerator.process_index)
+    for name in extra or {}:  # before anything is loaded
+        if not (path / f"{name}.safetensors").is_file():
+            raise UsageError(f"{path} has no {name}.safetensors: the run that saved it did not keep that state "
+                             f"(started without --{name}?); resume with the flags it was started with")
     accelerator.load_state(str(path))
     for name, ema in emas.items():
         load_ema(ema, path / f"ema_{name}.safetensors")
+    for name, state in (extra or {}).items():
+        state.load_state_dict(load_file(str(path / f"{name}.safetensors")))
 
 
 def rotate(output_dir: str | Path, keep: int | None, protect: Path | None = None) -> list[Path]:

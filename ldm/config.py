@@ -12,7 +12,7 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,22 @@ class UNetConfig:
     # Stable Diffusion adds nothing to the time embedding. True adds an attention-pooled text
     # embedding (diffusers' addition_embed_type="text"), a global summary of the prompt.
     text_time_embedding: bool = False
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """diffusers `PixArtTransformer2DModel`: a DiT (Peebles & Xie 2023) on `patch_size` x
+    `patch_size` latent patches with PixArt-alpha's adaLN-single timestep conditioning and
+    cross-attention to the text tokens (Chen et al. 2023). Width = heads x head dim."""
+
+    patch_size: int = 2
+    num_layers: int = 12
+    num_attention_heads: int = 12
+    attention_head_dim: int = 64
+
+    @property
+    def width(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
 
 
 @dataclass(frozen=True)
@@ -107,13 +123,14 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 @dataclass(frozen=True)
 class ModelConfig:
     resolution: int
-    unet: UNetConfig
+    unet: UNetConfig | None  # None with `dit`: the denoiser is a transformer
     vae: VAEConfig
     text: TextEncoderConfig
     noise: NoiseConfig = NoiseConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     # A pretrained, frozen first stage used when no other is given (None: random weights).
     pretrained_vae: str | None = None
+    dit: DiTConfig | None = None
 
 
 def _tiny() -> ModelConfig:
@@ -179,7 +196,24 @@ def _sd15() -> ModelConfig:
     return ModelConfig(resolution=512, unet=UNetConfig(), vae=VAEConfig(), text=TextEncoderConfig())
 
 
-PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {"tiny": _tiny, "sd15": _sd15}
+def _tiny_dit() -> ModelConfig:
+    """`tiny` with a DiT in place of the U-Net: 16x16x4 latents in 2x2 patches are 64 tokens.
+    Width 128 (4 heads of 32) and 6 blocks cost about a `tiny` U-Net step on a CPU with fewer
+    FLOPs (benchmarks/dit_scaling.py; figures in benchmarks/results/README.md). Same data, first
+    stage, text encoder, noise schedule and objective, so the two backbones compare directly."""
+    return replace(_tiny(), unet=None, dit=DiTConfig(patch_size=2, num_layers=6, num_attention_heads=4,
+                                                      attention_head_dim=32))
+
+
+def _dit_b2() -> ModelConfig:
+    """DiT-B/2 (Peebles & Xie 2023: width 768, 12 blocks, 12 heads, 2x2 patches) with cross-attention
+    to CLIP ViT-L/14 text, at 512 px on the sd15 first stage (64x64x4 latents: 1,024 tokens)."""
+    return replace(_sd15(), unet=None, dit=DiTConfig(patch_size=2, num_layers=12, num_attention_heads=12,
+                                                      attention_head_dim=64))
+
+
+PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {"tiny": _tiny, "sd15": _sd15, "tiny-dit": _tiny_dit,
+                                                        "dit-b2": _dit_b2}
 
 
 def model_preset(name: str) -> ModelConfig:
@@ -235,6 +269,22 @@ class TrainConfig:
                               default=False)
     caption_dropout: float = _help("probability of an empty caption (classifier-free guidance)",
                                    default=0.1)
+    caption_prefix: str = _help("written in front of every caption of the data (a trigger, e.g. 'sks style, '); "
+                                "never shuffled or dropped, not given to class images", default="")
+    shuffle_tags: bool = _help("shuffle each caption's comma-separated tags every step (the first --keep_tokens "
+                               "stay in place)", default=False)
+    keep_tokens: int = _help("with --shuffle_tags / --tag_dropout: leading tags kept in place and never dropped",
+                             default=0)
+    tag_dropout: float = _help("leave out each tag after the first --keep_tokens with this probability, every step",
+                               default=0.0)
+    class_data_dir: str | None = _help(
+        "prior preservation (DreamBooth): a folder of class images, filled up to --num_class_images by the base "
+        "model with --class_prompt before training; trained alongside the instance images", default=None)
+    class_prompt: str | None = _help("with --class_data_dir: the caption of every class image, e.g. 'a photo of a "
+                                     "dog'", default=None)
+    num_class_images: int = _help("with --class_data_dir: class images to train with (missing ones generated)",
+                                  default=100)
+    prior_loss_weight: float = _help("with --class_data_dir: loss = instance loss + this x class loss", default=1.0)
     # The objective: unset (None) takes the preset's `ObjectiveConfig` when training from scratch
     # and the Stable Diffusion one (min-SNR 5, uniform timesteps) from a pretrained model.
     snr_gamma: float | None = _help(
@@ -288,7 +338,12 @@ class TrainConfig:
     adam_beta2: float = _help("AdamW beta2", default=0.999)
     adam_weight_decay: float = _help("AdamW weight decay", default=1e-2)
     max_grad_norm: float = _help("gradient clipping norm", default=1.0)
-    use_8bit_adam: bool = _help("bitsandbytes' 8-bit AdamW (pip install '.[bnb]'; CUDA)", default=False)
+    optimizer: str = _help(
+        "adamw | adamw8bit (bitsandbytes; CUDA) | prodigy (prodigyopt: estimates its own step size, --learning_rate "
+        "1.0 by convention) | schedulefree (schedulefree's AdamWScheduleFree: no decay needed). prodigy and "
+        "schedulefree run a constant LR schedule (--lr_scheduler is set to constant; schedulefree warms up over "
+        "--lr_warmup_steps itself)", default="adamw")
+    use_8bit_adam: bool = _help("deprecated: the same as --optimizer adamw8bit", default=False)
     max_nonfinite_steps: int = _help(
         "stop with an error after this many updates in a row skipped for a non-finite loss or "
         "gradient", default=20)
@@ -305,6 +360,14 @@ class TrainConfig:
                                 "time; the first steps are slower)", default=False)
     use_ema: bool = _help("keep an EMA of the weights and save it", default=True)
     ema_decay: float = _help("EMA decay (with warm-up)", default=0.999)
+    posthoc_ema: bool = _help("post-hoc EMA (Karras et al. 2024): keep power-function EMAs and save their snapshots "
+                              "(<output_dir>/posthoc_ema/), from which training/posthoc_ema.py rebuilds the EMA of "
+                              "any length after training", default=False)
+    posthoc_ema_sigma_rels: list[float] = _help("lengths (sigma_rel) of the EMAs kept for --posthoc_ema",
+                                                default_factory=lambda: [0.05, 0.10])
+    posthoc_ema_snapshot_steps: int | None = _help("--posthoc_ema snapshots every N steps (default: "
+                                                   "--checkpointing_steps; each is the trained weights' size)",
+                                                   default=None)
     seed: int = _help("seed of weights, data order and noise", default=0)
     # outputs
     output_dir: str = _help("where the pipeline, logs and checkpoints go", default="outputs/ldm")
@@ -323,7 +386,17 @@ class TrainConfig:
         default_factory=lambda: ["a red circle on the left", "a blue square at the top",
                                  "a small green triangle in the middle",
                                  "a yellow circle on the left and a purple square on the right"])
-    validation_steps: int = _help("validation grid every N steps (0: only at the end)", default=500)
+    validation_steps: int = _help("validation grid (and validation loss) every N steps (0: only at the end)",
+                                  default=500)
+    validation_split: float = _help(
+        "hold out this fraction of the data (seeded, by each image's content: the same images whatever the order, "
+        "batch or processes; never trained on) and log the loss on it every --validation_steps (0: none)",
+        default=0.0)
+    validation_data_dir: str | None = _help(
+        "a folder of held-out images (laid out like --train_data_dir) for the validation loss, instead of "
+        "--validation_split", default=None)
+    validation_loss_timesteps: int = _help("the validation loss's timesteps: an even grid of this many over "
+                                           "[0, T), each held-out image at every one", default=8)
     num_validation_images: int = _help("images per validation prompt (0: no validation grids)", default=2)
     validation_inference_steps: int = _help("sampler steps for validation", default=25)
     validation_guidance_scale: float = _help("CFG scale for validation", default=4.0)
@@ -449,7 +522,32 @@ def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
     cfg = fill_objective(cfg, ObjectiveConfig() if cfg.pretrained_model_name_or_path
                          else model_preset(cfg.preset).objective)
     cfg = resolve_resume_name(cfg)
+    cfg = resolve_optimizer(cfg)
     validate(cfg)
+    return cfg
+
+
+def resolve_optimizer(cfg: TrainConfig) -> TrainConfig:
+    """--use_8bit_adam (deprecated) becomes --optimizer adamw8bit; prodigy and schedulefree get a
+    constant LR schedule (they set their own step size); each change is one logged line."""
+    import logging
+
+    log = logging.getLogger("ldm.config")
+    if cfg.use_8bit_adam:
+        if cfg.optimizer not in ("adamw", "adamw8bit"):
+            raise UsageError(f"--use_8bit_adam with --optimizer {cfg.optimizer}: give only --optimizer")
+        log.warning("--use_8bit_adam is deprecated: use --optimizer adamw8bit")
+        cfg = replace(cfg, optimizer="adamw8bit", use_8bit_adam=False)
+    if cfg.optimizer in ("prodigy", "schedulefree") and cfg.lr_scheduler != "constant":
+        log.warning("--optimizer %s runs a constant LR schedule (it sets its own step size): --lr_scheduler %s "
+                    "replaced by constant", cfg.optimizer, cfg.lr_scheduler)
+        cfg = replace(cfg, lr_scheduler="constant")
+    if cfg.optimizer == "schedulefree" and cfg.use_ema:
+        log.warning("--optimizer schedulefree with --use_ema: the EMA averages the train-mode weights and is what "
+                    "is saved; --no-use_ema saves schedule-free's own average (x)")
+    if cfg.optimizer == "prodigy" and cfg.learning_rate < 0.1:
+        log.warning("--optimizer prodigy: --learning_rate %g multiplies the step size Prodigy estimates (1.0 by "
+                    "convention); an AdamW-sized rate makes every step that much smaller", cfg.learning_rate)
     return cfg
 
 
@@ -506,6 +604,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--lora_rank adapts a pretrained model: give --pretrained_model_name_or_path")
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise UsageError(f"--caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
+    check_tags_and_prior(cfg)
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "max_image_pixels"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -526,6 +625,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
     if cfg.attention_backend not in ("auto", "sdpa", "xformers"):
         raise UsageError(f"--attention_backend must be auto, sdpa or xformers, got {cfg.attention_backend!r}")
+    check_posthoc_ema(cfg)
+    check_validation_data(cfg)
+    from ldm.optimizers import check_optimizer  # the optional packages are found, not imported
+
+    check_optimizer(cfg.optimizer)
     check_output_dir(cfg.output_dir)
     check_resume(cfg.resume_from_checkpoint)
     check_pretrained(cfg)
@@ -534,6 +638,77 @@ def validate(cfg: TrainConfig) -> None:
         from ldm.datacheck import check_layout
 
         check_layout(cfg.train_data_dir, cfg.caption_column)
+
+
+def check_posthoc_ema(cfg: TrainConfig) -> None:
+    """--posthoc_ema needs snapshots (an interval), sigma_rels its profiles can have, and full weights."""
+    if not cfg.posthoc_ema:
+        return
+    from ldm.posthoc_ema import MAX_SIGMA_REL
+
+    for s in cfg.posthoc_ema_sigma_rels:
+        if not 0 < s <= MAX_SIGMA_REL:
+            raise UsageError(f"--posthoc_ema_sigma_rels {s}: must be in (0, {MAX_SIGMA_REL:.4f}]")
+    if len(set(cfg.posthoc_ema_sigma_rels)) < 2:
+        raise UsageError(f"--posthoc_ema_sigma_rels {cfg.posthoc_ema_sigma_rels}: give at least two different "
+                         "values (the reconstruction combines profiles of different lengths)")
+    if cfg.posthoc_ema_snapshot_steps is not None and cfg.posthoc_ema_snapshot_steps < 1:
+        raise UsageError(f"--posthoc_ema_snapshot_steps must be >= 1, got {cfg.posthoc_ema_snapshot_steps}")
+    if not (cfg.posthoc_ema_snapshot_steps or cfg.checkpointing_steps):
+        raise UsageError("--posthoc_ema with --checkpointing_steps 0 needs --posthoc_ema_snapshot_steps N")
+    if cfg.lora_rank:
+        raise UsageError("--posthoc_ema with --lora_rank is not supported (the snapshots hold full weights)")
+
+
+def check_validation_data(cfg: TrainConfig) -> None:
+    """--validation_split in [0, 1), or --validation_data_dir (a usable folder other than the training
+    one), not both; --validation_loss_timesteps >= 1."""
+    if not 0.0 <= cfg.validation_split < 1.0:
+        raise UsageError(f"--validation_split must be in [0, 1), got {cfg.validation_split}")
+    if cfg.validation_loss_timesteps < 1:
+        raise UsageError(f"--validation_loss_timesteps must be >= 1, got {cfg.validation_loss_timesteps}")
+    if not cfg.validation_data_dir:
+        return
+    if cfg.validation_split:
+        raise UsageError("give --validation_split or --validation_data_dir, not both")
+    if cfg.train_data_dir and Path(cfg.validation_data_dir).resolve() == Path(cfg.train_data_dir).resolve():
+        raise UsageError(f"--validation_data_dir {cfg.validation_data_dir} is the training folder: its images "
+                         "would be trained on (use --validation_split to hold some out)")
+    from ldm.datacheck import check_layout
+
+    try:
+        check_layout(cfg.validation_data_dir, cfg.caption_column)
+    except UsageError as e:
+        raise UsageError(f"--validation_data_dir {e}") from None
+
+
+def check_tags_and_prior(cfg: TrainConfig) -> None:
+    """--keep_tokens, --tag_dropout, and the prior-preservation flags (`ldm.prior`)."""
+    if cfg.keep_tokens < 0:
+        raise UsageError(f"--keep_tokens must be >= 0, got {cfg.keep_tokens}")
+    if not 0.0 <= cfg.tag_dropout < 1.0:
+        raise UsageError(f"--tag_dropout must be in [0, 1), got {cfg.tag_dropout}")
+    if not cfg.class_data_dir:
+        if cfg.class_prompt:
+            raise UsageError("--class_prompt is for prior preservation: give --class_data_dir too")
+        return
+    if not cfg.class_prompt or not cfg.class_prompt.strip():
+        raise UsageError("--class_data_dir needs --class_prompt (the class images' caption, e.g. 'a photo of a dog')")
+    if cfg.num_class_images < 1:
+        raise UsageError(f"--num_class_images must be >= 1, got {cfg.num_class_images}")
+    if cfg.prior_loss_weight < 0:
+        raise UsageError(f"--prior_loss_weight must be >= 0, got {cfg.prior_loss_weight}")
+    if cfg.aspect_buckets:
+        raise UsageError("--class_data_dir trains square images: drop --aspect_buckets")
+    if Path(cfg.class_data_dir).exists() and not Path(cfg.class_data_dir).is_dir():
+        raise UsageError(f"--class_data_dir {cfg.class_data_dir}: not a folder")
+    from ldm.prior import count_images
+
+    have = count_images(cfg.class_data_dir)
+    if have < cfg.num_class_images and not cfg.pretrained_model_name_or_path:
+        raise UsageError(f"--class_data_dir {cfg.class_data_dir} holds {have} of --num_class_images "
+                         f"{cfg.num_class_images} images; generating the rest needs the base model: give "
+                         "--pretrained_model_name_or_path")
 
 
 def check_output_dir(output_dir: str, flag: str = "--output_dir") -> None:
@@ -583,25 +758,34 @@ def check_pretrained(cfg: TrainConfig) -> None:
         hub.check_pipeline_source(cfg.single_file_config, "--single_file_config")
 
 
+def denoiser_downsampling(config: Any) -> int:
+    """Latent pixels per side of the denoiser's coarsest grid, from its diffusers config (a dict):
+    a DiT's patch size, or 2 for each U-Net level below the first."""
+    if "patch_size" in config:
+        return config["patch_size"]
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def model_downsampling(cfg: TrainConfig) -> tuple[int, int] | None:
-    """(VAE factor, U-Net factor) of the model the run trains, read from the preset or from local
+    """(VAE factor, denoiser factor) of the model the run trains, read from the preset or from local
     config.json files; None when a pretrained part's configs are not on disk (a hub id)."""
     from ldm import hub
 
     preset = model_preset(cfg.preset)
-    unet_levels = len(preset.unet.block_out_channels)
+    denoiser = preset.dit.patch_size if preset.dit else 2 ** (len(preset.unet.block_out_channels) - 1)
     vae_levels = len(preset.vae.block_out_channels)
     vae_source = cfg.pretrained_vae_name_or_path
     if cfg.pretrained_model_name_or_path:
         source = cfg.single_file_config or cfg.pretrained_model_name_or_path
         if Path(source).is_file():  # a single file without --single_file_config: the sd15 preset's configs
             sd15 = model_preset("sd15")
-            unet_levels, vae_levels = len(sd15.unet.block_out_channels), len(sd15.vae.block_out_channels)
+            denoiser, vae_levels = 2 ** (len(sd15.unet.block_out_channels) - 1), len(sd15.vae.block_out_channels)
         else:
-            unet, vae = hub.local_config(source, "unet/config.json"), hub.local_config(source, "vae/config.json")
-            if unet is None or vae is None:
+            net = hub.local_config(source, "unet/config.json", "transformer/config.json")
+            vae = hub.local_config(source, "vae/config.json")
+            if net is None or vae is None:
                 return None
-            unet_levels, vae_levels = len(unet["block_out_channels"]), len(vae["block_out_channels"])
+            denoiser, vae_levels = denoiser_downsampling(net), len(vae["block_out_channels"])
     elif vae_source is None:
         vae_source = preset.pretrained_vae
     if vae_source and vae_source != "none":
@@ -609,7 +793,7 @@ def model_downsampling(cfg: TrainConfig) -> tuple[int, int] | None:
         if vae is None:
             return None
         vae_levels = len(vae["block_out_channels"])
-    return 2 ** (vae_levels - 1), 2 ** (unet_levels - 1)
+    return 2 ** (vae_levels - 1), denoiser
 
 
 def check_resolution(cfg: TrainConfig) -> None:
