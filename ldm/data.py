@@ -71,13 +71,17 @@ def load_captioned_dataset(*, train_data_dir: str | None, dataset_name: str | No
 
 def checked_folder(root: str | Path, *, caption_column: str = datacheck.DEFAULT_CAPTION_COLUMN,
                    on_bad_data: str = "skip", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, tokenizer=None,
-                   max_length: int | None = None):
+                   max_length: int | None = None, caption: str | None = None):
     """The good rows of a user folder (`ldm.datacheck.folder_rows`) as a `datasets.Dataset`: image
-    (a path, decoded on access), text, image_hash, width, height."""
+    (a path, decoded on access), text, image_hash, width, height (and mask, mask_hash when some
+    image has a loss mask). caption: every image gets this one (prior preservation's class
+    images); no caption file, metadata caption or mask is read."""
     from datasets import Dataset, Features, Image as ImageFeature
 
     datacheck.validate_settings(on_bad_data, max_image_pixels)
-    scan = datacheck.folder_rows(root, caption_column)
+    scan = datacheck.folder_rows(root, caption_column, captions=caption is None)
+    if caption is not None:
+        scan = replace(scan, rows=[replace(row, caption=caption) for row in scan.rows])
     if not scan.rows:
         raise UsageError(datacheck.no_images_message(root))
     kept, report = datacheck.check_rows(scan.rows, source=str(root), max_image_pixels=max_image_pixels,
@@ -127,11 +131,15 @@ def _with_check_columns(images, kept: list[datacheck.Kept]):
     several = any(not isinstance(c, str) for c in captions)
     if several:
         captions = [[c] if isinstance(c, str) else list(c) for c in captions]
-    columns = Dataset.from_dict(
-        {"text": captions, "image_hash": [k.info.sha256 for k in kept],
-         "width": [k.info.width for k in kept], "height": [k.info.height for k in kept]},
-        features=Features({"text": List(Value("string")) if several else Value("string"),
-                           "image_hash": Value("string"), "width": Value("int32"), "height": Value("int32")}))
+    values = {"text": captions, "image_hash": [k.info.sha256 for k in kept],
+              "width": [k.info.width for k in kept], "height": [k.info.height for k in kept]}
+    features = {"text": List(Value("string")) if several else Value("string"),
+                "image_hash": Value("string"), "width": Value("int32"), "height": Value("int32")}
+    if any(k.mask is not None for k in kept):  # loss masks (ldm.masks): a path and a content hash, or None
+        values |= {"mask": [None if k.mask is None else str(k.row.mask) for k in kept],
+                   "mask_hash": [None if k.mask is None else k.mask.sha256 for k in kept]}
+        features |= {"mask": Value("string"), "mask_hash": Value("string")}
+    columns = Dataset.from_dict(values, features=Features(features))
     return concatenate_datasets([images, columns], axis=1)
 
 
@@ -214,6 +222,8 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "index" in examples[0]:
         batch["index"] = torch.tensor([e["index"] for e in examples])
+    if "mask" in examples[0]:  # loss masks, (B, 1, R, R) in [0, 1] (ldm.masks)
+        batch["mask"] = torch.stack([e["mask"] for e in examples])
     return batch
 
 
@@ -267,8 +277,19 @@ class AugmentedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.dataset[i]
-        rng = random.Random(f"{self.seed}/augment/{self.epoch}/{i}")  # str seeds are hashed with SHA-512: stable
-        img = to_rgb(row["image"])
+        key = f"{self.seed}/augment/{self.epoch}/{i}"  # str seeds are hashed with SHA-512: stable
+        item = {"pixel_values": to_tensor(self._place(to_rgb(row["image"]), i, random.Random(key))),
+                "text": row["text"], "index": i}
+        if "mask" in row:  # a loss mask (ldm.masks) of the image's size: the same draws, so the same crop and flip
+            from ldm.masks import load_mask, mask_tensor  # ldm.masks builds on this module
+
+            mask = row["mask"]
+            item["mask"] = (mask_tensor(self._place(load_mask(mask), i, random.Random(key))) if mask is not None
+                            else torch.ones(1, *item["pixel_values"].shape[1:]))
+        return item
+
+    def _place(self, img: Image.Image, i: int, rng: random.Random) -> Image.Image:
+        """Image i resized, cropped and flipped (draws from `rng`)."""
         if self.buckets is not None:
             img, _ = resize_and_crop(img, self.buckets[i], None if self.center_crop else rng)
         else:
@@ -280,7 +301,7 @@ class AugmentedImages(torch.utils.data.Dataset):
                 img = TF.crop(img, rng.randint(0, img.height - r), rng.randint(0, img.width - r), r, r)
         if self.random_flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"pixel_values": to_tensor(img), "text": row["text"], "index": i}
+        return img
 
 
 def set_loader_epoch(dataloader, epoch: int) -> None:
@@ -291,8 +312,11 @@ def set_loader_epoch(dataloader, epoch: int) -> None:
 
 
 def collate_latents(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"moments": torch.stack([e["moments"] for e in examples]), "text": [e["text"] for e in examples],
-            "index": torch.tensor([e["index"] for e in examples])}
+    batch = {"moments": torch.stack([e["moments"] for e in examples]), "text": [e["text"] for e in examples],
+             "index": torch.tensor([e["index"] for e in examples])}
+    if "mask" in examples[0]:  # (B, 1, h, w) at latent resolution (ldm.masks)
+        batch["mask"] = torch.stack([e["mask"] for e in examples])
+    return batch
 
 
 def training_dataloader(dataset, *, resolution: int, batch_size: int, seed: int, vae=None,
@@ -300,7 +324,7 @@ def training_dataloader(dataset, *, resolution: int, batch_size: int, seed: int,
                         cache_latents: bool = False, cache_dir: str | None = None, cache_in_memory: bool = True,
                         center_crop: bool = True, random_flip: bool = False, num_workers: int = 0,
                         rank: int = 0, world_size: int = 1, wait_for_everyone: Callable[[], None] | None = None,
-                        should_stop: Callable[[], None] | None = None
+                        should_stop: Callable[[], None] | None = None, num_instance: int | None = None
                         ) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler | None]:
     """The training batches of a captioned `datasets.Dataset`: (loader, bucket sampler or None).
 
@@ -314,6 +338,11 @@ def training_dataloader(dataset, *, resolution: int, batch_size: int, seed: int,
       under `cache_dir`, shared between runs and processes, or in memory without one). Only when
       the transform is fixed (center_crop and no random_flip); otherwise images are transformed
       on the fly. `should_stop` is called before each batch of encoding and may raise.
+    - loss masks (a "mask" column, `ldm.masks`): batches also hold "mask", (B, 1, H, W) with the
+      pixels or, cached, (B, 1, h, w) at latent resolution.
+    - num_instance: prior preservation (`ldm.prior`): the first num_instance rows are the
+      instances, the rest class images; each batch holds batch_size of each (instances first)
+      and "prior", a list of bools. Square images only.
     """
     from ldm.cache import LatentCache, latent_items  # ldm.cache builds on this module
 
@@ -329,12 +358,24 @@ def training_dataloader(dataset, *, resolution: int, batch_size: int, seed: int,
         stats = cache.ensure(items, lambda idx: dataset[idx]["image"], batch_size=128, rank=rank,
                              world_size=world_size, wait_for_everyone=wait_for_everyone, should_stop=should_stop)
         logger.info("latent cache: %s", stats)
-        dataset = cache.dataset(items, list(dataset["text"]), in_memory=cache_in_memory or not cache_dir)
+        view = cache.dataset(items, list(dataset["text"]), in_memory=cache_in_memory or not cache_dir)
+        if "mask" in dataset.column_names:  # cached beside the latents, at their resolution
+            from ldm.masks import with_cached_masks
+
+            view = with_cached_masks(view, dataset, items, cache_dir, cache.factor, rank=rank, world_size=world_size,
+                                     wait_for_everyone=wait_for_everyone, should_stop=should_stop)
+        dataset = view
         collate_fn = collate_latents
     else:
         dataset = AugmentedImages(dataset, resolution=resolution, center_crop=center_crop, random_flip=random_flip,
                                   seed=seed, buckets=buckets)
         collate_fn = collate
+    if num_instance is not None:
+        from ldm.prior import PairCollate, PriorPairs
+
+        if buckets:
+            raise UsageError("prior preservation (--class_data_dir) trains square images: drop --aspect_buckets")
+        dataset, collate_fn = PriorPairs(dataset, num_instance), PairCollate(collate_fn)
     if buckets:
         sampler = BucketBatchSampler(buckets, batch_size, seed=seed, num_replicas=world_size, rank=rank)
         return torch.utils.data.DataLoader(dataset, collate_fn=collate_fn, num_workers=num_workers,

@@ -11,6 +11,9 @@ A user folder is read in one of two layouts (`folder_rows`):
     `name.caption` beside it (`.txt` wins when both exist). Each non-empty line of it is one
     caption: a file of several lines gives several captions, not one long caption.
 Names starting with "." are ignored (.git, .cache, macOS `._photo.jpg` resource forks).
+An image may have a loss mask (`ldm.masks`): the metadata's `mask_file_name` (relative to the
+metadata file's folder), else `name.mask.png` (any image extension) beside `name.png`. Files named
+`*.mask.<ext>` are masks, never training images.
 A hub data set, or any `datasets.Dataset`, goes through the same checks (`dataset_rows`).
 `ldm.data.checked_folder` / `checked_dataset` turn the kept rows into a `datasets.Dataset`.
 
@@ -61,7 +64,9 @@ CAPTION_FALLBACKS = ("caption", "captions", "prompt")
 BAD_DATA_POLICIES = ("skip", "fail")
 REASONS = ("unreadable", "truncated", "unsupported mode", "too many pixels", "missing file",
            "path outside the folder", "duplicate", "bad metadata", "missing caption", "empty caption",
-           "bad caption")
+           "bad caption", "bad mask")
+MASK_COLUMN = "mask_file_name"
+MASK_SUFFIX = ".mask"  # name.mask.png beside name.png
 LIST_FIRST = 20  # problems named in a log line or an error; the JSON report has all of them
 PROGRESS_SECONDS = 10.0
 
@@ -75,6 +80,7 @@ class Row:
     data: bytes | None = None  # the encoded image held in memory (a `datasets` cell)
     caption: Any = None
     problem: str | None = None  # "reason: detail" when bad before the image is read
+    mask: Path | None = None  # its loss mask (`ldm.masks`), if it has one
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class Kept(NamedTuple):
     index: int  # position in the checked rows
     row: Row
     info: ImageInfo
+    mask: ImageInfo | None = None  # of its loss mask, if it has one
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class Report:
     long_captions: list[tuple[str, int]] = field(default_factory=list)  # (label, tokens), kept rows only
     same_content: list[tuple[str, str]] = field(default_factory=list)  # (label, label of the first copy)
     unlisted: list[str] = field(default_factory=list)
+    masks: int = 0  # kept rows with a loss mask
 
     def counts(self) -> Counter:
         return Counter(reason_of(problem) for _, problem in self.problems)
@@ -120,6 +128,8 @@ class Report:
             lines.append(("same image as an earlier row (kept)", len(self.same_content)))
         if self.unlisted:
             lines.append(("images in no metadata file (ignored)", len(self.unlisted)))
+        if self.masks:
+            lines.append(("kept images with a loss mask", self.masks))
         return "\n".join(f"  {name:<44}{n:>8}" for name, n in lines)
 
     def problem_list(self, limit: int | None = LIST_FIRST) -> str:
@@ -135,7 +145,7 @@ class Report:
                 "max_length": self.max_length,
                 "long_captions": [{"item": label, "tokens": n} for label, n in self.long_captions],
                 "same_content": [{"item": label, "same_as": first} for label, first in self.same_content],
-                "unlisted": self.unlisted}
+                "unlisted": self.unlisted, "masks": self.masks}
 
 
 def reason_of(problem: str) -> str:
@@ -151,7 +161,7 @@ def folder_rows(root: str | Path, caption_column: str = DEFAULT_CAPTION_COLUMN, 
     if not root.is_dir():
         raise UsageError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
     files = _walk(root)
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(p)]
     metas = [p for p in files if p.name in METADATA_NAMES]
     if not metas:
         return FolderScan(_sidecar_rows(root.resolve(), images, set(files), captions), unlisted=[])
@@ -163,7 +173,9 @@ def folder_rows(root: str | Path, caption_column: str = DEFAULT_CAPTION_COLUMN, 
     for meta in metas:
         rows += _metadata_rows(meta, caption_column if captions else None, listed)
     named = {os.path.normpath(row.label) for row in rows}  # as written, so a rejected symlink counts as listed
-    return FolderScan(rows, unlisted=[str(p) for p in images if os.path.normpath(p) not in named])
+    masks = {row.mask for row in rows if row.mask is not None}  # resolved; a mask_file_name is no unlisted image
+    return FolderScan(rows, unlisted=[str(p) for p in images
+                                      if os.path.normpath(p) not in named and (not masks or p.resolve() not in masks)])
 
 
 def check_layout(root: str | Path, caption_column: str = DEFAULT_CAPTION_COLUMN,
@@ -217,8 +229,38 @@ def _metadata_rows(meta: Path, caption_column: str | None, listed: set[Path]) ->
         target, problem = listed_file(name, base, listed)
         if problem is not None:
             problem += f" ({where})"
-        rows.append(Row(label=str(meta.parent / name), path=target, caption=rec.get(column), problem=problem))
+        mask, mask_problem = (None, None) if caption_column is None else metadata_mask(rec, base, target)
+        rows.append(Row(label=str(meta.parent / name), path=target, caption=rec.get(column),
+                        problem=problem or mask_problem, mask=mask))
     return rows
+
+
+def is_mask_file(path: Path) -> bool:
+    """`name.mask.png` and the like: a loss mask, not an image to train on."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and Path(path.stem).suffix.lower() == MASK_SUFFIX
+
+
+def sidecar_mask(image: Path, exists) -> Path | None:
+    """`name.mask.<ext>` beside `name.<ext>` (the image's own extension first, then the others in
+    sorted order), or None; `exists(path)` says whether a file is there."""
+    exts = [image.suffix.lower(), *sorted(IMAGE_EXTENSIONS - {image.suffix.lower()})]
+    return next((p for ext in exts if exists(p := image.with_name(image.stem + MASK_SUFFIX + ext))), None)
+
+
+def metadata_mask(rec: dict, base: Path, image: Path | None) -> tuple[Path | None, str | None]:
+    """(mask file, problem) of a metadata row: its `mask_file_name`, inside `base` like the image,
+    else a sidecar mask beside the image."""
+    name = rec.get(MASK_COLUMN)
+    if name in (None, ""):
+        return (sidecar_mask(image, Path.is_file) if image is not None else None), None
+    if not isinstance(name, str) or os.path.isabs(name):
+        return None, f"bad mask: {MASK_COLUMN} {name!r} is not a relative path"
+    target = (base / name).resolve()
+    if not _inside(target, base):
+        return None, f"bad mask: {name} is outside the folder"
+    if not target.is_file():
+        return None, f"bad mask: {base / name} not found"
+    return target, None
 
 
 def listed_file(name: str, base: Path, listed: set[Path]) -> tuple[Path | None, str | None]:
@@ -291,7 +333,7 @@ def _sidecar_rows(root: Path, images: list[Path], files: set[Path], captions: bo
         real = path.resolve()
         if not _inside(real, root):
             rows.append(Row(label=str(path), problem=f"path outside the folder: a symlink to {real}"))
-        elif not captions:
+        elif not captions:  # a VAE's data: no captions, no masks
             rows.append(Row(label=str(path), path=real))
         elif sidecar is None:
             rows.append(Row(label=str(path), path=real, problem="missing caption: no .txt or .caption file"))
@@ -299,7 +341,11 @@ def _sidecar_rows(root: Path, images: list[Path], files: set[Path], captions: bo
             rows.append(Row(label=str(path), problem=f"path outside the folder: {sidecar.name} is a symlink out"))
         else:
             caption, problem = read_sidecar(sidecar)
-            rows.append(Row(label=str(path), path=real, caption=caption, problem=problem))
+            mask = sidecar_mask(path, files.__contains__)
+            if mask is not None and not _inside(mask.resolve(), root):
+                problem = problem or f"bad mask: {mask.name} is a symlink out of the folder"
+            rows.append(Row(label=str(path), path=real, caption=caption, problem=problem,
+                            mask=None if mask is None else mask.resolve()))
     return rows
 
 
@@ -421,13 +467,15 @@ def check_rows(rows: Sequence[Row], *, source: str, max_image_pixels: int = DEFA
     start = last_log = time.monotonic()
     with pil_limits(max_image_pixels):
         for i, row in enumerate(rows):
-            problem, info = row.problem or (caption_problem(row.caption) if captions else None), None
+            problem, info, mask = row.problem or (caption_problem(row.caption) if captions else None), None, None
             if problem is None:
                 data, problem = _read(row)
                 if problem is None:
                     problem, info = check_image(data, max_image_pixels)
+            if problem is None and row.mask is not None:
+                problem, mask = check_mask(row.mask, info, max_image_pixels)
             if problem is None:
-                kept.append(Kept(i, replace(row, caption=clean_caption(row.caption)) if captions else row, info))
+                kept.append(Kept(i, replace(row, caption=clean_caption(row.caption)) if captions else row, info, mask))
             else:
                 problems.append((row.label, problem))
             if time.monotonic() - last_log > PROGRESS_SECONDS:
@@ -436,7 +484,21 @@ def check_rows(rows: Sequence[Row], *, source: str, max_image_pixels: int = DEFA
     limit = token_limit(tokenizer, max_length)
     long = long_captions([(k.row.label, k.row.caption) for k in kept], tokenizer, limit) if limit else []
     return kept, Report(source=source, total=len(rows), kept=len(kept), problems=problems, max_length=limit,
-                        long_captions=long, same_content=same_content(kept))
+                        long_captions=long, same_content=same_content(kept),
+                        masks=sum(k.mask is not None for k in kept))
+
+
+def check_mask(path: Path, image: ImageInfo, max_pixels: int) -> tuple[str | None, ImageInfo | None]:
+    """(None, info) for a mask that decodes and has its image's size (both after EXIF
+    orientation), else ("bad mask: <file> ...", None)."""
+    data, problem = _read(Row(label=str(path), path=path))
+    if problem is None:
+        problem, info = check_image(data, max_pixels)
+    if problem is not None:
+        return f"bad mask: {path}: {problem}", None
+    if (info.width, info.height) != (image.width, image.height):
+        return (f"bad mask: {path} is {info.width}x{info.height}, its image {image.width}x{image.height}"), None
+    return None, info
 
 
 def token_limit(tokenizer, max_length: int | None) -> int | None:
