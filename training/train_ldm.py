@@ -241,7 +241,8 @@ def save_pipeline(pipe: TextToImagePipeline, cfg: TrainConfig, *, train_te: bool
     captions = [c for cell in captions for c in ([cell] if isinstance(cell, str) else cell)]  # cells may hold several
     write_model_card(out, cfg.to_dict(), run_info=run_info, defaults=TrainConfig().to_dict(),
                      data_stats={"source": cfg.train_data_dir or cfg.dataset_name or "built-in shapes",
-                                 "size": run_info.get("num_examples"), "captions": caption_stats(captions)},
+                                 "size": run_info.get("num_examples"),
+                                 **({"captions": caption_stats(captions)} if captions else {})},  # none: unknown
                      metrics={"final_loss": run_info.get("final_loss"), **({"held_out": report} if report else {}),
                               # the saved weights' (the EMA's with --use_ema)
                               "val_loss": run_info.get("final_val_loss_ema", run_info.get("final_val_loss"))},
