@@ -250,6 +250,17 @@ class TrainConfig:
     lora_rank: int = _help("train LoRA adapters of this rank (peft) instead of every U-Net weight; the text "
                            "encoder, when trained, gets adapters too. 0: full fine-tune", default=0)
     lora_alpha: float | None = _help("LoRA scale numerator (default: the rank, i.e. scale 1)", default=None)
+    text_encoder_open_clip: str | None = _help(
+        "condition on an OpenCLIP text tower: an open_clip architecture name (e.g. ViT-H-14) or "
+        "local-dir:FOLDER (its open_clip_config.json); converted to transformers' CLIPTextModel (frozen "
+        "unless --train_text_encoder), so the saved pipeline stays in diffusers layout. Needs "
+        "--text_encoder_weights", default=None)
+    text_encoder_weights: str | None = _help(
+        "the open_clip checkpoint of --text_encoder_open_clip (.safetensors; .bin / .pt read with "
+        "torch.load(weights_only=True))", default=None)
+    text_encoder_layer: str = _help(
+        "with --text_encoder_open_clip: last | penultimate (SD 2's choice: the converted encoder keeps every "
+        "layer but the last, so every pipeline then gives the penultimate layer's states)", default="last")
     # data
     train_data_dir: str | None = _help(
         "image folder: metadata.jsonl / metadata.csv (HF imagefolder) or sidecar .txt / .caption files",
@@ -600,6 +611,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.train_dtype != "float32" and (cfg.lora_rank or cfg.mixed_precision not in (None, "auto", "no")):
         raise UsageError(f"--train_dtype {cfg.train_dtype} is for full training without mixed precision "
                          f"(got --lora_rank {cfg.lora_rank}, --mixed_precision {cfg.mixed_precision})")
+    if bool(cfg.text_encoder_open_clip) != bool(cfg.text_encoder_weights):
+        raise UsageError("--text_encoder_open_clip ARCH and --text_encoder_weights FILE go together")
+    if cfg.text_encoder_layer not in ("last", "penultimate"):
+        raise UsageError(f"--text_encoder_layer must be last or penultimate, got {cfg.text_encoder_layer!r}")
     if cfg.lora_rank and not cfg.pretrained_model_name_or_path:
         raise UsageError("--lora_rank adapts a pretrained model: give --pretrained_model_name_or_path")
     if not 0.0 <= cfg.caption_dropout < 1.0:

@@ -55,6 +55,7 @@ from ldm.masks import latent_mask, masked_mean
 from ldm.model_card import caption_stats, write_model_card
 from ldm.models import (components_for_training, count_parameters, denoise, denoiser_kwargs, image_size_divisor,
                         prepare_for_training, training_dtypes, with_resolution)
+from ldm.open_clip_text import use_text_encoder, with_open_clip_text
 from ldm.plots import write_training_curves
 from ldm.prior import class_dataset, ensure_class_images, prior_preservation_loss, with_class_data
 from ldm.posthoc_ema import SNAPSHOT_DIR, PowerEMA, named_trainable, prune_snapshots, save_snapshots, snapshot_due
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> Path:
     started = time.perf_counter()
     cfg: TrainConfig = resolve_train_config(argv)
     model_cfg = with_resolution(model_preset(cfg.preset), cfg.resolution)
+    model_cfg, open_clip_text = with_open_clip_text(model_cfg, cfg.text_encoder_open_clip, cfg.text_encoder_weights,
+                                                    cfg.text_encoder_layer)  # converted to a CLIPTextModel
     out = Path(cfg.output_dir)
     # One run per folder: another run's files there are refused (or cleared, once all checks pass)
     previous_run = check_output_dir(out, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
@@ -294,6 +297,7 @@ def main(argv: list[str] | None = None) -> Path:
                                     pretrained_vae=None if pretrained_vae == "none" else pretrained_vae,
                                     prediction_type=cfg.prediction_type, seed=cfg.seed,
                                     single_file_config=cfg.single_file_config)
+    use_text_encoder(comps, open_clip_text)  # --text_encoder_open_clip's tower in place of the CLIP one
     # `unet` is the denoiser: the U-Net, or the DiT of a transformer preset (ldm.models.denoise calls either)
     vae, text_encoder, tokenizer, unet = comps.vae, comps.text_encoder, comps.tokenizer, comps.denoiser
     # x_t is drawn from this schedule (zero-terminal-SNR rescale applied), and SNR weights from its alphas
