@@ -104,7 +104,8 @@ def test_every_readme_command_runs(workdir):
             pass  # exits 1 if the exported folder had a bad file
         elif cmd == "python benchmarks/latent_contrast.py":
             pass  # the shipped VAE, a few seconds
-        elif cmd.startswith(("python training/export.py", "python training/plot_run.py")):
+        elif cmd.startswith(("python training/export.py", "python training/plot_run.py",
+                             "python training/posthoc_ema.py")):
             pass  # a few seconds on the runs above
         elif cmd.startswith("python benchmarks/word_probe.py"):
             cmd += " --noises 2"
@@ -126,10 +127,12 @@ def test_every_readme_command_runs(workdir):
         ran += 1
         if "--resume_from_checkpoint" in cmd:
             assert "resumed from" in proc.stderr
-    assert ran == 27
+    assert ran == 31
     assert (workdir / "data" / "shapes" / "metadata.jsonl").exists()
-    for out in ("ldm", "shapes", "ldm-finetuned", "sd15-finetuned", "shapes-again", "ddp-cpu", "custom_ldm"):
+    for out in ("ldm", "shapes", "ldm-finetuned", "sd15-finetuned", "shapes-again", "ddp-cpu", "custom_ldm",
+                "ldm-phema-0.08", "shapes-tags", "ldm-dreambooth"):
         assert (workdir / "outputs" / out / "model_index.json").exists(), out
+    assert len(list((workdir / "data" / "class_shapes").glob("class_*.png"))) == 8  # generated before training
     for out in ("tiny_vae", "my_vae", "diverse_vae", "my_vae_ft", "tiny_vae_diverse"):
         assert (workdir / "outputs" / out / "config.json").exists(), out
     assert len(list((workdir / "outputs" / "eval_vae").glob("*/metrics.json"))) == 2
@@ -151,7 +154,8 @@ def test_readme_python_blocks_run(tiny_pipeline_dir, tmp_path):
     add_lora(pipe.unet, rank=4)  # an adapter file written the way training writes it
     save_lora(tmp_path / "outputs" / "ldm-lora", pipe.unet)
     codes = blocks("python")
-    assert len(codes) == 2 and "callback_on_step_end" in codes[0] and "load_lora_weights" in codes[1]
+    assert len(codes) == 3 and "callback_on_step_end" in codes[0] and "load_lora_weights" in codes[1]
+    assert "prompt_embeds" in codes[2]  # docs/exports.md: diffusers' pipeline arguments
     for code in codes:
         proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, timeout=600)
@@ -161,6 +165,7 @@ def test_readme_python_blocks_run(tiny_pipeline_dir, tmp_path):
     assert (tmp_path / "red_circle.png").exists()
     assert (tmp_path / "outputs" / "ldm-copy" / "model_index.json").exists()
     assert (tmp_path / "red_circle_lora.png").exists()
+    assert (tmp_path / "red_circle_weighted.png").exists()
 
 
 def test_readme_is_short_and_links_every_guide():
