@@ -530,17 +530,19 @@ def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
     cfg = resolve_config(TrainConfig, argv)
     if cfg.preset not in PRESETS:
         raise UsageError(f"--preset {cfg.preset!r}: unknown; choose one of {', '.join(PRESETS)}")
+    cfg = resolve_optimizer(cfg)  # before the preset's objective fills the flags not given
     cfg = fill_objective(cfg, ObjectiveConfig() if cfg.pretrained_model_name_or_path
                          else model_preset(cfg.preset).objective)
     cfg = resolve_resume_name(cfg)
-    cfg = resolve_optimizer(cfg)
     validate(cfg)
     return cfg
 
 
 def resolve_optimizer(cfg: TrainConfig) -> TrainConfig:
     """--use_8bit_adam (deprecated) becomes --optimizer adamw8bit; prodigy and schedulefree get a
-    constant LR schedule (they set their own step size); each change is one logged line."""
+    constant LR schedule (they set their own step size); each change is one logged line. Prodigy
+    takes one learning rate for every group: the text encoder's is --learning_rate (a preset's slower
+    one does not apply; a different --text_encoder_lr given is refused)."""
     import logging
 
     log = logging.getLogger("ldm.config")
@@ -556,6 +558,11 @@ def resolve_optimizer(cfg: TrainConfig) -> TrainConfig:
     if cfg.optimizer == "schedulefree" and cfg.use_ema:
         log.warning("--optimizer schedulefree with --use_ema: the EMA averages the train-mode weights and is what "
                     "is saved; --no-use_ema saves schedule-free's own average (x)")
+    if cfg.optimizer == "prodigy":
+        if cfg.text_encoder_lr not in (None, cfg.learning_rate):
+            raise UsageError(f"--optimizer prodigy takes one learning rate for every trained part: --text_encoder_lr "
+                             f"{cfg.text_encoder_lr:g} differs from --learning_rate {cfg.learning_rate:g} (leave it unset)")
+        cfg = replace(cfg, text_encoder_lr=cfg.learning_rate)
     if cfg.optimizer == "prodigy" and cfg.learning_rate < 0.1:
         log.warning("--optimizer prodigy: --learning_rate %g multiplies the step size Prodigy estimates (1.0 by "
                     "convention); an AdamW-sized rate makes every step that much smaller", cfg.learning_rate)

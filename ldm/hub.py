@@ -35,6 +35,8 @@ def check_pipeline_source(value: str, flag: str = "--pretrained_model_name_or_pa
                          f"({', '.join(SINGLE_FILE_SUFFIXES)}) nor a diffusers folder")
     if path.is_dir():
         missing = [part for part in PIPELINE_PARTS if not (path / part).is_dir()]
+        if missing == ["unet"] and (path / "transformer").is_dir():  # a DiT pipeline (--preset tiny-dit)
+            missing = []
         if missing:
             raise UsageError(f"{flag} {value}: no {', '.join(p + '/' for p in missing)} in this folder "
                              f"(a diffusers pipeline folder has {', '.join(p + '/' for p in PIPELINE_PARTS)})")

@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm.config import ModelConfig, NoiseConfig, UNetConfig, VAEConfig
+from ldm.config import DiTConfig, ModelConfig, NoiseConfig, UNetConfig, VAEConfig, denoiser_downsampling
 from ldm.hub import SINGLE_FILE_SUFFIXES
 from ldm.text import build_clip_tokenizer, build_text_encoder
 
@@ -28,9 +28,50 @@ class Components:
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | None  # None when the denoiser is a transformer
     noise_scheduler: DDPMScheduler
     text_encoder_pretrained: bool = False
+    transformer: PixArtTransformer2DModel | None = None
+
+    @property
+    def denoiser(self) -> UNet2DConditionModel | PixArtTransformer2DModel:
+        """The network that predicts the noise (or v): the U-Net, or the DiT of a transformer preset."""
+        return self.unet if self.unet is not None else self.transformer
+
+
+def denoiser_kwargs(model: torch.nn.Module) -> dict[str, torch.nn.Module | None]:
+    """`unet=` / `transformer=` for `TextToImagePipeline` or `Components`: the slot `model` goes in."""
+    is_dit = isinstance(_unwrap(model), PixArtTransformer2DModel)
+    return {"unet": None, "transformer": model} if is_dit else {"unet": model, "transformer": None}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel (accelerate's multi-process wrapper)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def denoise(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor | int, context: torch.Tensor,
+            cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+    """The denoiser's output (epsilon or v, as its schedule says) for x_t (B, C, h, w) at timesteps
+    t (a scalar or (B,)) given text tokens context (B, L, D): (B, C, h, w). The one place where a
+    U-Net and a DiT differ in signature; training and the pipeline both call this.
+    cross_attention_kwargs: {"scale": s} scales LoRA adapters (both), the rest goes to the attention."""
+    if not isinstance(_unwrap(model), PixArtTransformer2DModel):
+        return model(x_t, t, encoder_hidden_states=context, cross_attention_kwargs=cross_attention_kwargs,
+                     return_dict=False)[0]
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    kwargs = dict(cross_attention_kwargs or {})
+    scale = kwargs.pop("scale", None)  # PixArt's forward has no LoRA scale of its own
+    t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])  # adaLN-single embeds (B,) timesteps
+    if scale is not None:
+        scale_lora_layers(model, scale)
+    try:
+        return model(x_t, encoder_hidden_states=context, timestep=t, cross_attention_kwargs=kwargs or None,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    finally:
+        if scale is not None:
+            unscale_lora_layers(model, scale)
 
 
 def build_unet(cfg: UNetConfig, *, in_channels: int, sample_size: int,
@@ -53,6 +94,34 @@ def build_unet(cfg: UNetConfig, *, in_channels: int, sample_size: int,
         norm_num_groups=cfg.norm_num_groups,
         **extra,
     )
+
+
+def build_transformer(cfg: DiTConfig, *, in_channels: int, sample_size: int,
+                      caption_channels: int) -> PixArtTransformer2DModel:
+    """A DiT: patchify (B, C, h, w) into (h/p * w/p) tokens with 2-D sin-cos positions, blocks of
+    self-attention, cross-attention to the projected text tokens and an MLP, each modulated by
+    adaLN-single (one timestep MLP shared by all blocks, PixArt-alpha sec. 2.3), then unpatchify."""
+    return PixArtTransformer2DModel(
+        num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        in_channels=in_channels,
+        out_channels=in_channels,  # epsilon or v only: no learned-variance channels (DiT's 2C output)
+        num_layers=cfg.num_layers,
+        cross_attention_dim=cfg.width,  # the text tokens are projected to the width first
+        caption_channels=caption_channels,
+        sample_size=sample_size,
+        patch_size=cfg.patch_size,
+        use_additional_conditions=False,  # no resolution / aspect-ratio embedding (PixArt's 1024 px models)
+    )
+
+
+def build_denoiser(cfg: ModelConfig, *, in_channels: int, sample_size: int) -> torch.nn.Module:
+    """The preset's U-Net, or its DiT when it has one."""
+    if cfg.dit is not None:
+        return build_transformer(cfg.dit, in_channels=in_channels, sample_size=sample_size,
+                                 caption_channels=cfg.text.hidden_size)
+    return build_unet(cfg.unet, in_channels=in_channels, sample_size=sample_size,
+                      cross_attention_dim=cfg.text.hidden_size)
 
 
 def build_vae(cfg: VAEConfig, sample_size: int) -> AutoencoderKL:
@@ -79,8 +148,8 @@ def vae_scale_factor(vae_config) -> int:
 
 def image_size_divisor(vae_config, unet_config) -> int:
     """What an image's sides must be multiples of to come out even through the VAE's and then the
-    U-Net's downsampling (the U-Net also halves at every block but the last)."""
-    return vae_scale_factor(vae_config) * 2 ** (len(unet_config.block_out_channels) - 1)
+    denoiser's downsampling (the U-Net halves at every block but the last; a DiT cuts patches)."""
+    return vae_scale_factor(vae_config) * denoiser_downsampling(unet_config)
 
 
 def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
@@ -110,9 +179,8 @@ def build_components(cfg: ModelConfig, seed: int | None = None) -> Components:
         vae=build_vae(cfg.vae, cfg.resolution),
         text_encoder=build_text_encoder(cfg.text),
         tokenizer=build_clip_tokenizer(cfg.text.max_length),
-        unet=build_unet(cfg.unet, in_channels=cfg.vae.latent_channels, sample_size=latent_size,
-                        cross_attention_dim=cfg.text.hidden_size),
         noise_scheduler=build_noise_scheduler(cfg.noise),
+        **denoiser_kwargs(build_denoiser(cfg, in_channels=cfg.vae.latent_channels, sample_size=latent_size)),
     )
 
 
@@ -198,10 +266,18 @@ def load_pretrained(path: str, single_file_config: str | None = None) -> Compone
     vae = load_vae(path)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     sched_cfg = DDPMScheduler.load_config(path, subfolder="scheduler")
     noise_scheduler = DDPMScheduler.from_config(sched_cfg)
-    return Components(vae, text_encoder, tokenizer, unet, noise_scheduler, text_encoder_pretrained=True)
+    return Components(vae, text_encoder, tokenizer, noise_scheduler=noise_scheduler, text_encoder_pretrained=True,
+                      **denoiser_kwargs(load_denoiser(path)))
+
+
+def load_denoiser(path: str) -> torch.nn.Module:
+    """unet/ of a pipeline folder, or transformer/ (a DiT) in a local folder that has no unet/."""
+    local = Path(path)
+    if local.is_dir() and not (local / "unet").is_dir() and (local / "transformer").is_dir():
+        return PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer")
+    return UNet2DConditionModel.from_pretrained(path, subfolder="unet")
 
 
 def components_for_training(cfg: ModelConfig, *, pretrained: str | None, pretrained_vae: str | None,
@@ -215,16 +291,16 @@ def components_for_training(cfg: ModelConfig, *, pretrained: str | None, pretrai
         comps = build_components(cfg, seed=seed)
     if pretrained_vae:
         comps.vae = load_vae(pretrained_vae)
-        expected = cfg.vae.latent_channels if not pretrained else comps.unet.config.in_channels
+        expected = cfg.vae.latent_channels if not pretrained else comps.denoiser.config.in_channels
         if comps.vae.config.latent_channels != expected:
             raise ValueError(
                 f"VAE at {pretrained_vae} has {comps.vae.config.latent_channels} latent channels, "
                 f"the U-Net expects {expected}")
-        if not pretrained:  # the U-Net's latent size follows the VAE's real downsampling factor
+        if not pretrained:  # the denoiser's latent size follows the VAE's real downsampling factor
             factor = vae_scale_factor(comps.vae.config)
             torch.manual_seed(seed)
-            comps.unet = build_unet(cfg.unet, in_channels=expected, sample_size=cfg.resolution // factor,
-                                    cross_attention_dim=cfg.text.hidden_size)
+            comps = replace(comps, **denoiser_kwargs(build_denoiser(cfg, in_channels=expected,
+                                                                    sample_size=cfg.resolution // factor)))
     if prediction_type and prediction_type != comps.noise_scheduler.config.prediction_type:
         comps.noise_scheduler = DDPMScheduler.from_config(comps.noise_scheduler.config,
                                                           prediction_type=prediction_type)
@@ -245,8 +321,8 @@ def training_dtypes(mixed_precision: str, train_dtype: str) -> tuple[torch.dtype
 def prepare_for_training(comps: Components, *, train_text_encoder: bool | None, train_token_embedding: bool,
                          lora_rank: int | None, lora_alpha: float | None, weight_dtype: torch.dtype,
                          train_dtype: torch.dtype, gradient_checkpointing: bool) -> dict[str, torch.nn.Module]:
-    """Set the components up for training, in place; returns the trained modules by name ("unet",
-    and "text_encoder" when it is trained): what the optimizer and the EMA hold.
+    """Set the components up for training, in place; returns the trained modules by name ("unet":
+    the denoiser, U-Net or DiT; and "text_encoder" when it is trained): what the optimizer and the EMA hold.
 
     The VAE is frozen. A text encoder built from scratch is trained jointly (as in the LDM paper),
     a pretrained one stays frozen (`train_text_encoder` None), else as asked; its token embedding
@@ -255,7 +331,7 @@ def prepare_for_training(comps: Components, *, train_text_encoder: bool | None, 
     it is not float32."""
     from ldm.lora import add_lora
 
-    unet, text_encoder = comps.unet, comps.text_encoder
+    unet, text_encoder = comps.denoiser, comps.text_encoder
     train_te = (not comps.text_encoder_pretrained) if train_text_encoder is None else train_text_encoder
     comps.vae.requires_grad_(False)
     text_encoder.requires_grad_(train_te)

@@ -424,7 +424,10 @@ def test_presets_latent_size(name):
     m = model_preset(name)
     assert m.vae.downsample_factor == 2 ** (len(m.vae.block_out_channels) - 1)
     assert m.resolution % m.vae.downsample_factor == 0
-    assert len(m.unet.cross_attention) == len(m.unet.block_out_channels)
+    if m.dit:  # a DiT: the latent side is a whole number of patches
+        assert m.unet is None and (m.resolution // m.vae.downsample_factor) % m.dit.patch_size == 0
+    else:
+        assert len(m.unet.cross_attention) == len(m.unet.block_out_channels)
 
 
 def test_tiny_preset_known_answers():

@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> Path:
             "global_step": global_step, "num_processes": accelerator.num_processes, "final_loss": step_loss,
             "prediction_type": prediction_type, "skipped_updates": skipped, "num_examples": len(dataset),
             "mixed_precision": accelerator.mixed_precision, "first_stage_psnr_db": first_stage_psnr,
-            **({"validation_examples": len(held_out_rows), **validation_summary(trace.path)} if held_out else {}),
+            **({"validation_examples": len(held_out_rows), **validation_summary(trace.path)} if held_out is not None else {}),
             **throughput(time.perf_counter() - started, global_step - (resumed or 0), global_batch, accelerator.device)})
     accelerator.end_training()
     stop.restore()
