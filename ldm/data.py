@@ -262,7 +262,9 @@ class AugmentedImages(torch.utils.data.Dataset):
     The random crop and flip of image i in epoch e draw from their own stream, keyed by
     (seed, e, i), never from a global RNG: a resumed run, any number of data-loader workers or
     processes see the same pixels. The loader's `set_epoch` does not reach a dataset behind a
-    seeded sampler, so the training loop calls `set_epoch` here too (`set_loader_epoch`)."""
+    seeded sampler, so the training loop calls `set_epoch` here too (`set_loader_epoch`).
+    A row's loss mask ("mask" column, `ldm.masks`) is placed with the same draws: items then hold
+    "mask", (1, H, W) in [0, 1] (ones for a row without one)."""
 
     def __init__(self, dataset, *, resolution: int, center_crop: bool, random_flip: bool, seed: int,
                  buckets: list[tuple[int, int]] | None = None):

@@ -6,9 +6,10 @@
 
 Every image is opened and decoded once (`ldm.datacheck`, the same check training runs). Prints a
 table (kept; skipped by reason: unreadable, truncated, unsupported mode, too many pixels, missing
-file, path outside the folder, duplicate, bad metadata, missing / empty / bad caption; captions over
-the model's token limit, which it cuts; byte-identical images; images no metadata file lists) and
-every bad item by path.
+file, path outside the folder, duplicate, bad metadata, missing / empty / bad caption, bad loss mask:
+unreadable, or not its image's size, named by file; captions over the model's token limit, which it
+cuts; byte-identical images; images no metadata file lists; images with a loss mask) and every bad
+item by path.
 
 Exit status: 0 when nothing is bad; 1 when something is (training with --on_bad_data skip would
 go on without it, with fail it would stop: --on_bad_data fail prints that error); 2 when there is
