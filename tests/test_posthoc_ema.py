@@ -225,3 +225,31 @@ def test_training_with_posthoc_ema_resumes_exactly_and_the_cli_writes_a_pipeline
     kept = load_file(str(a / "posthoc_ema" / "0000004-0.050.safetensors"))
     rebuilt, _ = reconstruct(read_snapshots(a / "posthoc_ema"), 0.05)
     assert max((rebuilt[k] - v).abs().max().item() for k, v in kept.items()) < 1e-5
+
+
+def test_cli_swaps_the_rebuilt_weights_into_the_runs_pipeline(tiny_pipeline_dir, tmp_path):
+    """A finished run (the tiny pipeline, its config) with snapshots of a drifting U-Net: the new
+    folder holds the run's pipeline with exactly the rebuilt U-Net weights."""
+    from ldm.config import TrainConfig, save_config
+    from pipelines import TextToImagePipeline
+    from training.posthoc_ema import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pipeline_dir, run)
+    save_config(TrainConfig(output_dir=str(run), eval_images_per_case=0), run / "train_config.yaml")
+    unet = TextToImagePipeline.from_pretrained(run).unet
+    params = {f"unet.{n}": p.detach().clone() for n, p in unet.named_parameters()}
+    ema, gen = PowerEMA(params), torch.Generator().manual_seed(0)
+    for step in range(1, 9):
+        for p in params.values():
+            p += 0.01 * torch.randn(p.shape, generator=gen)
+        ema.step(params)
+        if step % 2 == 0:
+            save_snapshots(ema, run / "posthoc_ema", step)
+    main(["--run", str(run), "--sigma_rel", "0.15", "--output_dir", str(tmp_path / "out")])
+    expected, _ = reconstruct(read_snapshots(run / "posthoc_ema"), 0.15)
+    unet = dict(TextToImagePipeline.from_pretrained(tmp_path / "out").unet.named_parameters())
+    assert all(torch.equal(unet[k.removeprefix("unet.")], v) for k, v in expected.items())
+    assert json.loads((tmp_path / "out" / "run_info.json").read_text())["posthoc_ema"]["snapshots"] == 8
+    with pytest.raises(UsageError, match="not empty"):
+        main(["--run", str(run), "--sigma_rel", "0.15", "--output_dir", str(tmp_path / "out")])

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> Path:
                        args.sigma_rel, 100 * info["profile_fit_error"])
     pipe = TextToImagePipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
-    load_into({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, weights, source=str(run))
+    # training names the denoiser "unet" whether it is a U-Net or a DiT
+    load_into({"unet": pipe.denoiser, "text_encoder": pipe.text_encoder}, weights, source=str(run))
     cfg = resolve_config(TrainConfig, ["--config", str(run / "train_config.yaml")])
     cfg = dataclasses.replace(cfg, output_dir=str(out), **(
         {} if args.eval_images_per_case is None else {"eval_images_per_case": args.eval_images_per_case}))
