@@ -4,12 +4,13 @@ Schedule-Free AdamW. The last three are optional packages, asked for only when n
 - adamw: torch's AdamW, fused where it can be (`ldm.runtime.make_adamw`).
 - adamw8bit: AdamW with its two moments in 8 bits (~75% less optimizer memory; CUDA).
 - prodigy: Prodigy (Mishchenko & Defazio 2023) estimates the step size d itself; the learning rate
-  is a multiplier of d, 1.0 by convention (0.5 halves it). A group's rate is relative: the text
-  encoder's --text_encoder_lr 0.1 against --learning_rate 1.0 is a tenth of d.
+  is a multiplier of d, 1.0 by convention (0.5 halves it), and the same for every parameter group
+  (prodigyopt refuses groups of different rates; `ldm.config.resolve_optimizer` sees to it).
 - schedulefree: Schedule-Free AdamW (Defazio et al. 2024) needs no decaying schedule (its warm-up
   is --lr_warmup_steps). It keeps two sequences: the parameters hold y (where the gradient is
   taken) in train mode and x (the average, the weights to evaluate and save) in eval mode, so every
-  evaluation, checkpoint and the final save happen inside `evaluation_weights`.
+  evaluation and checkpoint happens inside `evaluation_weights`, and the final save after
+  `set_train_mode(optimizer, False)`.
 
 Prodigy and Schedule-Free run with a constant LR schedule (`constant_schedule`).
 """
