@@ -186,7 +186,7 @@ def native_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     """(height, width): the flags, or the model's native size (U-Net sample_size x VAE scale factor);
     both must be multiples of the VAE's downsampling factor."""
     f = pipe.vae_scale_factor
-    default = pipe.unet.config.sample_size * f
+    default = pipe.denoiser.config.sample_size * f
     height, width = height or default, width or default
     for flag, value in (("height", height), ("width", width)):
         if value % f:
