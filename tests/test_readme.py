@@ -127,7 +127,7 @@ def test_every_readme_command_runs(workdir):
         ran += 1
         if "--resume_from_checkpoint" in cmd:
             assert "resumed from" in proc.stderr
-    assert ran == 32
+    assert ran == 34
     assert (workdir / "data" / "shapes" / "metadata.jsonl").exists()
     for out in ("ldm", "shapes", "ldm-finetuned", "sd15-finetuned", "shapes-again", "ddp-cpu", "custom_ldm",
                 "ldm-phema-0.08", "shapes-tags", "ldm-dreambooth"):
