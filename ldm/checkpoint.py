@@ -155,6 +155,9 @@ def data_fingerprint(dataset) -> str:
     if "image_hash" in dataset.column_names:
         digest.update("".join(dataset["image_hash"]).encode())
         what = "images + captions"
+    if "mask_hash" in dataset.column_names:  # loss masks weigh the loss: another mask is another run
+        digest.update(json.dumps(dataset["mask_hash"]).encode())
+        what += " + masks"
     return f"{len(dataset)} examples, {what} {digest.hexdigest()[:16]}"
 
 
@@ -197,7 +200,7 @@ def check_pickles(path: Path, process_index: int = 0) -> None:
 # Anything else in the fingerprint (step count, LR schedule) is reported with a warning, so that
 # a run can be extended.
 STRICT_KEYS = ("global_batch", "world_size", "gradient_accumulation_steps", "resolution", "seed", "model", "data",
-               "lora", "optimizer")
+               "lora", "optimizer", "prior")
 
 
 def drift(saved: dict, current: dict) -> list[tuple[str, str]]:
@@ -236,6 +239,10 @@ def run_fingerprint(cfg: Any, model_cfg: Any, *, world_size: int, zero_terminal_
         "text_encoder_lr": cfg.text_encoder_lr, "caption_dropout": cfg.caption_dropout,
         "timestep_bias": [cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
                           cfg.timestep_bias_end_multiplier],
+        **({"tags": [cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_dropout]}
+           if cfg.shuffle_tags or cfg.tag_dropout else {}),
+        # class images join every batch: strict, like the data (absent without: older checkpoints resume)
+        **({"prior": [cfg.class_prompt, cfg.num_class_images, cfg.prior_loss_weight]} if cfg.class_data_dir else {}),
     }
 
 

@@ -819,8 +819,10 @@ def model_downsampling(cfg: TrainConfig) -> tuple[int, int] | None:
 
 
 def check_resolution(cfg: TrainConfig) -> None:
-    """--resolution > 0 and a multiple of the VAE's times the U-Net's downsampling (the pipeline
+    """--resolution > 0 and a multiple of the VAE's times the denoiser's downsampling (the pipeline
     refuses other sizes), naming the nearest valid ones."""
+    from ldm import hub
+
     resolution = cfg.resolution if cfg.resolution is not None else model_preset(cfg.preset).resolution
     factors = model_downsampling(cfg)
     step = factors[0] * factors[1] if factors else 1
@@ -828,7 +830,9 @@ def check_resolution(cfg: TrainConfig) -> None:
         return
     below = resolution // step * step
     nearest = " or ".join(str(r) for r in (below, below + step) if r > 0) or str(step)
-    why = f"a multiple of {step} (the VAE's x{factors[0]} times the U-Net's x{factors[1]} downsampling)" \
+    net = "DiT's patch" if model_preset(cfg.preset).dit or (cfg.pretrained_model_name_or_path and hub.local_config(
+        cfg.single_file_config or cfg.pretrained_model_name_or_path, "transformer/config.json")) else "U-Net's"
+    why = f"a multiple of {step} (the VAE's x{factors[0]} times the {net} x{factors[1]} downsampling)" \
         if factors and step > 1 else "a positive number of pixels"
     raise UsageError(f"--resolution {resolution}: must be {why}; nearest: {nearest}")
 
@@ -842,6 +846,9 @@ class VAETrainConfig:
     data: str = _help("without --train_data_dir: builtin (the shapes) | diverse (shapes, gradients, textures, "
                       "text, scenes and scikit-image's photos: ldm/first_stage_data.py)", default="builtin")
     diverse_num_images: int = _help("--data diverse: images per epoch (generated on demand)", default=100000)
+    diverse_mix: str = _help("--data diverse: shares to change, e.g. builtin=0.3,photo=0.3 (kinds: builtin, shapes, "
+                             "gradient, texture, text, scene, photo; relative weights, the rest keep theirs)",
+                             default="")
     image_column: str = _help("image column of the data set", default="image")
     caption_column: str = _help("unused: a VAE needs no captions (kept so that older configs load)",
                                 default="text")

@@ -251,6 +251,10 @@ def check_pipeline_folder(path: str | Path) -> Path:
             raise UsageError(f"--pipeline {path}: holds LoRA adapters only (pytorch_lora_weights.safetensors); "
                              f"export them with --lora {path} --lora_format kohya")
         raise UsageError(f"--pipeline {path}: not a pipeline folder (no model_index.json)")
+    if (path / "transformer" / "config.json").is_file() and not (path / "unet").is_dir():
+        raise UsageError(f"--pipeline {path}: its denoiser is a transformer (DiT, transformer/); the SD 1.x single-file "
+                         f"layout holds a U-Net only. Load the folder itself (TextToImagePipeline.from_pretrained); "
+                         f"docs/dit.md says what else reads it")
     for sub in ("unet", "vae", "text_encoder"):
         if not (path / sub / "config.json").is_file():
             raise UsageError(f"--pipeline {path}: no {sub}/config.json; the single-file layout needs a U-Net, "

@@ -250,6 +250,26 @@ def _builtin(resolution: int, rng: random.Random) -> Image.Image:
     return synthetic.make_examples(1, resolution, seed=rng.randrange(2**31), colors=colors)[0][0]
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """`MIX` with the shares named in "kind=weight,kind=weight" changed (weights are relative)."""
+    mix = dict(MIX)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, value = part.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in MIX:
+            raise ValueError(f"--diverse_mix {part!r}: expected kind=weight with kind one of {', '.join(MIX)}")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"--diverse_mix {part!r}: {value!r} is not a number") from None
+        if not weight >= 0:
+            raise ValueError(f"--diverse_mix {part!r}: a weight must be >= 0")
+        mix[kind] = weight
+    if not sum(mix.values()) > 0:
+        raise ValueError(f"--diverse_mix {text!r}: every weight is 0")
+    return mix
+
+
 def diverse_image(seed: int, index: int, resolution: int, mix: dict[str, float] | None = None) -> Image.Image:
     """Image `index` of the mix `mix` (default `MIX`; photos need scikit-image), a pure function of
     its arguments."""

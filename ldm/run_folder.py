@@ -19,7 +19,7 @@ RUN_FILES = ("checkpoints", "train_log.jsonl", "run_info.json", "train_config.ya
              "model_index.json", "pytorch_lora_weights.safetensors", "lora_info.json", "samples", "eval",
              "logs", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "config.json",
              "diffusion_pytorch_model.safetensors", "vae_info.json", "train_vae_config.yaml", "reconstructions",
-             "training_curves.png")
+             "training_curves.png", "transformer", "posthoc_ema")
 
 
 def run_files(output_dir: str | Path) -> list[Path]:

@@ -193,12 +193,18 @@ def test_lora_to_kohya_reads_peft_keys_and_refuses_unknown_ones():
     (["--pipeline", "{pipe}", "--single_file", "{tmp}/x.ckpt"], "safetensors only"),
     (["--lora", "{tmp}"], "no pytorch_lora_weights.safetensors"),
     (["--lora", "{pipe}"], "it is a full pipeline"),
+    (["--pipeline", "{dit}", "--single_file", "{tmp}/x.safetensors"], "its denoiser is a transformer"),
 ])
 def test_mistakes_get_one_line(tiny_pipeline_dir, tmp_path, capsys, args, message):
     lora = tmp_path / "lora"
     lora.mkdir()
     (lora / LORA_WEIGHT_NAME).write_bytes(b"")
-    argv = [a.format(tmp=tmp_path, lora=lora, pipe=tiny_pipeline_dir) for a in args]
+    dit = tmp_path / "dit"  # a DiT pipeline folder's layout: transformer/ where the U-Net would be
+    for sub in ("transformer", "vae", "text_encoder"):
+        (dit / sub).mkdir(parents=True)
+        (dit / sub / "config.json").write_text("{}")
+    (dit / "model_index.json").write_text("{}")
+    argv = [a.format(tmp=tmp_path, lora=lora, pipe=tiny_pipeline_dir, dit=dit) for a in args]
     with pytest.raises(SystemExit) as exc:
         run_cli(main, argv)
     assert exc.value.code == 2

@@ -67,3 +67,22 @@ def test_other_palette_shapes_use_no_built_in_colour():
     assert not corners & set(BACKGROUNDS.values())
     pixels = {tuple(p) for im in images for p in np.asarray(im).reshape(-1, 3)}
     assert not pixels & set(COLORS.values())
+
+
+def test_parse_mix_changes_only_the_named_shares():
+    mix = fsd.parse_mix("builtin=0.3, photo=0")
+    assert mix["builtin"] == 0.3 and mix["photo"] == 0
+    assert {k: v for k, v in mix.items() if k not in ("builtin", "photo")} == \
+        {k: v for k, v in fsd.MIX.items() if k not in ("builtin", "photo")}
+    assert fsd.parse_mix("") == fsd.MIX
+    only_text = fsd.parse_mix(",".join(f"{k}={int(k == 'text')}" for k in fsd.MIX))
+    image = fsd.diverse_image(0, 5, 32, only_text)
+    assert (np.asarray(image) == np.asarray(fsd.diverse_image(0, 5, 32, {"text": 1.0}))).all()
+
+
+@pytest.mark.parametrize("text, message", [("circles=1", "kind one of"), ("builtin", "kind=weight"),
+                                           ("builtin=x", "not a number"), ("builtin=-1", ">= 0"),
+                                           (",".join(f"{k}=0" for k in fsd.MIX), "every weight is 0")])
+def test_parse_mix_names_the_bad_part(text, message):
+    with pytest.raises(ValueError, match=message):
+        fsd.parse_mix(text)

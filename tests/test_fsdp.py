@@ -11,6 +11,7 @@ train-and-resume test can be written here.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,12 +71,19 @@ def test_canary_accelerate_gives_ddp_not_fsdp_on_cpu(tmp_path):
     probe.write_text(
         "import torch\nfrom accelerate import Accelerator\n"
         "acc = Accelerator()\nm = acc.prepare(torch.nn.Linear(8, 8))\n"
-        "print('PROBE', acc.process_index, acc.distributed_type.value, type(m).__name__, flush=True)\n")
+        "import pathlib, sys\n"
+        "pathlib.Path(sys.argv[1], f'rank{acc.process_index}.txt').write_text("
+        "f'{acc.process_index} {acc.distributed_type.value} {type(m).__name__}')\n"
+        "acc.wait_for_everyone()\nacc.end_training()\n")
+    with socket.socket() as s:  # a free port: another test may hold accelerate's default one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     accelerate = str(Path(sys.executable).parent / "accelerate")
     proc = subprocess.run([accelerate, "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2",
-                           "--mixed_precision", "no", "--fsdp_sync_module_states", "false", str(probe)],
+                           "--main_process_port", str(port), "--mixed_precision", "no", "--fsdp_sync_module_states", "false", str(probe), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("PROBE"))
+    # One file per process: two processes printing to one pipe can interleave their lines.
+    rows = sorted(f.read_text().split() for f in tmp_path.glob("rank*.txt"))
     assert rows == [["0", "MULTI_CPU", "DistributedDataParallel"], ["1", "MULTI_CPU", "DistributedDataParallel"]]

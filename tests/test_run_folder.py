@@ -231,3 +231,21 @@ def test_the_run_fingerprint_knows_a_vae_folder_by_its_weights_not_its_path(tmp_
     weights = moved / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     assert fingerprint(preset.pretrained_vae)["model"] != fingerprint(moved)["model"]  # other weights: another run
+
+
+def test_tag_options_and_prior_preservation_are_in_the_run_fingerprint():
+    from ldm.config import TrainConfig, model_preset
+
+    def fingerprint(**changes):
+        cfg = dataclasses.replace(TrainConfig(), **changes)
+        return ckpt.run_fingerprint(cfg, model_preset("tiny"), world_size=1, zero_terminal_snr=False,
+                                    pretrained_vae=None, prediction_type="v_prediction", trained=["unet"], data="d")
+
+    plain = fingerprint()
+    assert "tags" not in plain and "prior" not in plain  # older checkpoints hold neither: they resume
+    tags = fingerprint(shuffle_tags=True, keep_tokens=1)
+    assert ckpt.drift(tags, fingerprint(shuffle_tags=True, keep_tokens=2)) == \
+        [("tags", "tags: [True, 1, 0.0] -> [True, 2, 0.0]")]
+    prior = dict(class_data_dir="c", class_prompt="a shape")
+    assert [k for k, _ in ckpt.drift(fingerprint(**prior), fingerprint(**prior, prior_loss_weight=0.5))] == ["prior"]
+    assert "prior" in ckpt.STRICT_KEYS and "tags" not in ckpt.STRICT_KEYS

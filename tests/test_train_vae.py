@@ -176,6 +176,8 @@ def test_fine_tune_decoder_only_from_a_single_file_vae_on_the_diverse_mix(tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "photos"], "--data must be builtin or diverse, got 'photos'"),
+    (["--diverse_mix", "builtin=0.3"], "--diverse_mix changes --data diverse"),
+    (["--data", "diverse", "--diverse_mix", "squares=1"], "--diverse_mix 'squares=1': expected kind=weight"),
     (["--lpips_weights", "/nonexistent/lpips.pth"], "--lpips_weights /nonexistent/lpips.pth: no such file"),
     (["--resume_from_checkpoint", "checkpoint-9"], "is not a complete checkpoint folder"),
     (["--disc_start", "-1"], "--disc_start must be >= 0, got -1"),

@@ -41,7 +41,7 @@ from ldm import datacheck
 from ldm.config import VAEConfig, VAETrainConfig, check_output_dir, resolve_config, save_config
 from ldm.data import collate, load_captioned_dataset, make_batch_transform
 from ldm.errors import UsageError, run_cli
-from ldm.first_stage_data import FirstStageImages
+from ldm.first_stage_data import FirstStageImages, parse_mix
 from ldm.images import image_grid, tensor_to_pil
 from ldm.models import build_vae, count_parameters, is_single_file, load_vae
 from ldm.runtime import use_cpu_cores
@@ -151,6 +151,13 @@ def validate(cfg: VAETrainConfig) -> None:
         raise UsageError(f"--data must be builtin or diverse, got {cfg.data!r}")
     if cfg.data == "diverse" and cfg.train_data_dir:
         raise UsageError("--data diverse and --train_data_dir: give one of them")
+    if cfg.diverse_mix:
+        if cfg.data != "diverse" or cfg.train_data_dir:
+            raise UsageError("--diverse_mix changes --data diverse: give --data diverse with it")
+        try:
+            parse_mix(cfg.diverse_mix)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     for name in ("kl_weight", "l2_weight", "perceptual_weight", "disc_weight", "disc_start", "checkpointing_steps",
                  "validation_steps", "lr_warmup_steps"):
         if getattr(cfg, name) < 0:
@@ -180,7 +187,8 @@ def make_dataset(cfg: VAETrainConfig):
     """The training images: a folder, the diverse mix or the built-in shapes; items hold
     pixel_values (3, R, R) in [-1, 1]."""
     if cfg.data == "diverse" and not cfg.train_data_dir:
-        return FirstStageImages(cfg.diverse_num_images, cfg.resolution, seed=cfg.seed)
+        return FirstStageImages(cfg.diverse_num_images, cfg.resolution, seed=cfg.seed,
+                                mix=parse_mix(cfg.diverse_mix) if cfg.diverse_mix else None)
     if cfg.train_data_dir:
         dataset = image_folder(cfg.train_data_dir)
     else:
@@ -273,7 +281,7 @@ def main(argv: list[str] | None = None) -> Path:
                    "resolution": cfg.resolution, "seed": cfg.seed, "max_train_steps": cfg.max_train_steps,
                    "learning_rate": cfg.learning_rate,
                    "model": ckpt.model_fingerprint(VAEConfig(), arch, cfg.train_decoder_only, cfg.disc_weight > 0),
-                   "data": cfg.train_data_dir or (f"diverse {cfg.diverse_num_images}" if cfg.data == "diverse"
+                   "data": cfg.train_data_dir or (f"diverse {cfg.diverse_num_images} {cfg.diverse_mix}".strip() if cfg.data == "diverse"
                                                   else f"builtin {cfg.builtin_num_images} {cfg.builtin_colors}"),
                    "objective": [cfg.kl_weight, cfg.l2_weight, cfg.perceptual_weight if lpips_net else 0,
                                  cfg.disc_weight, cfg.disc_start]}
