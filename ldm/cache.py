@@ -476,6 +476,16 @@ class CachedLatentFiles(torch.utils.data.Dataset):
         return {"moments": self.store.read(key, shape, LatentCache.dtype), "text": self.captions[i], "index": i}
 
 
+def first_moments(view: torch.utils.data.Dataset, rows: int) -> torch.Tensor | None:
+    """(rows, 2C, h, w): the cached posterior parameters of the first `rows` rows of a latent
+    cache's training view (`LatentCache.dataset`) when they have one shape; None for any other data
+    set (images transformed on the fly, masks or class images wrapped around the view)."""
+    if not isinstance(view, (CachedLatents, CachedLatentFiles)) or not 0 < rows <= len(view):
+        return None
+    moments = [view[i]["moments"] for i in range(rows)]
+    return torch.stack(moments) if len({m.shape for m in moments}) == 1 else None
+
+
 # --------------------------------------------------------------------------------------------
 # Text
 # --------------------------------------------------------------------------------------------

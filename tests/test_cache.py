@@ -317,3 +317,25 @@ def test_text_cache_invalidated_by_weights_and_max_length(text_encoder, tmp_path
     same = TextEmbeddingCache(tmp_path, text_encoder, build_clip_tokenizer(32))
     counter = Counter(same.encode)
     assert same.ensure(CELLS, encode_fn=counter).hits == 4 and counter.calls == 0
+
+
+def test_first_moments_are_the_cached_rows_in_order(vae, images, tmp_path):
+    """The first-stage check decodes these instead of encoding its sample again: row i's moments,
+    from memory or from disk; None for a loader that transforms images on the fly."""
+    from ldm.cache import first_moments
+
+    imgs, captions = images
+    ds = make_dataset_from(imgs, captions)
+    common = dict(resolution=R, batch_size=5, seed=3, vae=vae, cache_latents=True)
+    memory, _ = training_dataloader(ds, **common)
+    disk, _ = training_dataloader(ds, cache_dir=str(tmp_path), cache_in_memory=False, **common)
+    got = first_moments(memory.dataset, 4)
+    tf = image_transform(R, center_crop=True, random_flip=False)
+    with torch.no_grad():
+        fresh = vae.encode(torch.stack([tf(img.convert("RGB")) for img in imgs[:4]])).latent_dist.parameters
+    assert got.shape == fresh.shape
+    torch.testing.assert_close(got, fresh, rtol=0, atol=1e-4)  # batch rounding only
+    torch.testing.assert_close(first_moments(disk.dataset, 4), got, rtol=0, atol=1e-4)
+    assert first_moments(memory.dataset, 13) is None and first_moments(memory.dataset, 0) is None
+    pixels, _ = training_dataloader(ds, **{**common, "cache_latents": False})
+    assert first_moments(pixels.dataset, 4) is None

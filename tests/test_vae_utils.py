@@ -209,3 +209,21 @@ def test_the_shipped_vae_fits_the_built_in_shapes():
     value, message = first_stage_fit(vae, images, threshold_db=25.0)
     assert message is None and 25.0 <= value < PSNR_CAP_DB
     assert reconstruction_psnr(vae, images, batch_size=5) == pytest.approx(value, abs=1e-3)
+
+
+def test_psnr_from_cached_moments_decodes_only_and_matches_encoding():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_preset("tiny").pretrained_vae).eval()
+    images = shapes(12)
+    with torch.no_grad():
+        moments = vae.encode(images).latent_dist.parameters  # what a latent cache holds, one batch
+    fresh = reconstruction_psnr(vae, images, batch_size=5)
+    calls = []
+    vae.encode = lambda *args, **kwargs: calls.append(1)  # the cached path never encodes
+    assert reconstruction_psnr(vae, images, batch_size=5, moments=moments) == pytest.approx(fresh, abs=1e-3)
+    assert first_stage_fit(vae, images, moments=moments)[0] == pytest.approx(fresh, abs=1e-3) and not calls
+    # another image's posterior gives another score: the moments are used, row by row
+    assert reconstruction_psnr(vae, images, moments=moments.roll(1, 0)) < fresh - 1
+    with pytest.raises(ValueError, match="moments must be"):
+        reconstruction_psnr(vae, images, moments=moments[:5])

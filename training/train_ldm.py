@@ -40,13 +40,14 @@ from tqdm.auto import tqdm
 
 from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
-from ldm.cache import TextEmbeddingCache
+from ldm.cache import TextEmbeddingCache, first_moments
 from ldm.captions import TagOptions, tag_captions, with_prefix
 from ldm.config import ModelConfig, TrainConfig, model_preset, resolve_train_config, save_config
 from ldm.data import load_captioned_dataset, pick_caption, set_loader_epoch, training_dataloader
 from ldm.diffusion import (add_noise, annealed_multiplier, gather, min_snr_weight, offset_noise, perturb_noise,
                            snr, timestep_probabilities, training_target)
 from ldm.draws import categorical, randn, sample_generators
+from ldm.ema import TrainingEMA
 from ldm.evaluation import evaluate_pipeline, held_out_cases, save_report, summary
 from ldm.images import labelled_grid
 from ldm.errors import run_cli
@@ -170,15 +171,18 @@ def write_run_files(cfg: TrainConfig, model_cfg: ModelConfig, previous_run: list
     save_config(model_cfg, out / "model_config.yaml")
 
 
-def check_first_stage(vae, dataset, cfg: TrainConfig, resolution: int) -> float:
+def check_first_stage(vae, dataset, cfg: TrainConfig, resolution: int, cached=None) -> float:
     """PSNR of the frozen VAE's reconstructions of up to 32 training images, logged; a warning
-    naming the command that trains a VAE on this data when it is too low to learn from."""
+    naming the command that trains a VAE on this data when it is too low to learn from. `cached`:
+    the training loader's data set; a square latent cache's posteriors of these images are decoded
+    (not encoded again)."""
     from ldm.data import image_transform, to_rgb
 
     n = min(32, len(dataset))
-    tf = image_transform(resolution, center_crop=True, random_flip=False)
+    tf = image_transform(resolution, center_crop=True, random_flip=False)  # the square cache's transform
     images = torch.stack([tf(to_rgb(dataset[i]["image"])) for i in range(n)])
-    value, warning = first_stage_fit(vae, images, data_dir=cfg.train_data_dir or "DIR",
+    moments = first_moments(cached, n) if cached is not None and not cfg.aspect_buckets else None
+    value, warning = first_stage_fit(vae, images, moments=moments, data_dir=cfg.train_data_dir or "DIR",
                                      vae_dir=str(Path(cfg.output_dir).parent / "vae"))
     logger.info("first stage: %.1f dB PSNR on %d training images", value, n)
     if warning:
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("parameters: unet %.2fM, vae %.2fM (frozen), text encoder %.2fM (%s); prediction: %s",
                 count_parameters(unet) / 1e6, count_parameters(vae) / 1e6,
                 count_parameters(text_encoder) / 1e6, "trained" if train_te else "frozen", prediction_type)
-    emas = {name: EMAModel(trainable_parameters(m), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
+    # diffusers' EMAModel, updated in one in-place pass (same weights, ~3x less time: ldm/ema.py)
+    emas = {name: TrainingEMA(trainable_parameters(m), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
             for name, m in trained.items()} if cfg.use_ema else {}
 
     # ---------------------------------------------------------------- 2. data
@@ -342,7 +347,6 @@ def main(argv: list[str] | None = None) -> Path:
     procs = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                  wait_for_everyone=accelerator.wait_for_everyone, should_stop=stop.check)
     vae.to(accelerator.device)  # frozen: encodes the cached latents, or each batch in the loop
-    first_stage_psnr = check_first_stage(vae, dataset, cfg, model_cfg.resolution) if accelerator.is_main_process else None
     held_out = encode_held_out(held_out_rows, vae, resolution=model_cfg.resolution, seed=cfg.seed) \
         if held_out_rows is not None and accelerator.is_main_process else None  # the main process computes val_loss
     text_cache = None
@@ -362,6 +366,9 @@ def main(argv: list[str] | None = None) -> Path:
         logger.warning("stopped while caching latents (before step 1); nothing to save")
         stop.restore()
         return out
+    # after the cache: the sampled images' cached latents are decoded, not encoded a second time
+    first_stage_psnr = check_first_stage(vae, dataset, cfg, model_cfg.resolution, cached=dataloader.dataset) \
+        if accelerator.is_main_process else None
 
     # ---------------------------------------------------------------- 3. optimizer
     base_lrs = [cfg.learning_rate, *([cfg.text_encoder_lr or cfg.learning_rate] if train_te else [])]
