@@ -6,7 +6,8 @@ parameter plus a temporary copy of them all (`_foreach_sub`, then `_foreach_sub_
 `torch._foreach_lerp_(s, p, w)` computes s + w (p - s) in one pass with no temporary. For w < 0.5
 that is the same number bit for bit (p - s = -(s - p) and w (-x) = -(w x) exactly; torch's lerp
 uses this formula below 0.5, tests/test_ema.py checks it); from w = 0.5 up, which only the first
-three warm-up steps reach (d = 0, 0.37, 0.48), lerp switches formula, so those keep diffusers' step.
+two warm-up steps reach (w = 1, 0.63; then 0.48, 0.40, ...), lerp switches formula, so those two
+keep diffusers' step.
 Measured in benchmarks/results/README.md ("Issue 21: per-step overhead against a minimal step").
 
 Everything else (decay and warm-up, state_dict, store / copy_to / restore) is diffusers'.
