@@ -865,6 +865,9 @@ class VAETrainConfig:
     kl_weight: float = _help("weight of KL(q(z|x) || N(0, I)) against the summed L1 reconstruction",
                              default=1e-6)
     l2_weight: float = _help("weight of the squared error added to L1 (both per pixel element)", default=0.0)
+    scale_equivariance_weight: float = _help(
+        "weight of the scale-equivariance loss: the decoded 2x-downsampled latent against the 2x-downsampled "
+        "image (Skorokhodov et al. 2025); smoother latents that a diffusion model learns faster", default=0.0)
     lpips_weights: str | None = _help("local LPIPS weights (the lpips package's full state dict, backbone + heads, "
                                       ".safetensors or .pth): adds the perceptual loss; never downloaded",
                                       default=None)

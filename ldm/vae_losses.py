@@ -30,6 +30,14 @@ def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, l2_weight: float =
     return loss + l2_weight * diff.pow(2).mean() if l2_weight else loss
 
 
+def scale_equivariance_loss(x: torch.Tensor, recon_of_downsampled: torch.Tensor, l2_weight: float = 0.0) -> torch.Tensor:
+    """Scale equivariance (Skorokhodov et al. 2025, "Improving the diffusability of autoencoders"):
+    the decoder's image of the 2x average-pooled latent against the 2x average-pooled image, with
+    the reconstruction loss. It suppresses latent detail finer than the image's own, which a
+    diffusion model otherwise spends its capacity on."""
+    return reconstruction_loss(F.avg_pool2d(x, 2), recon_of_downsampled, l2_weight)
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """The discriminator's hinge loss: 0.5 * (mean relu(1 - real) + mean relu(1 + fake))."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())

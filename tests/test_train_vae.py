@@ -181,6 +181,7 @@ def test_fine_tune_decoder_only_from_a_single_file_vae_on_the_diverse_mix(tmp_pa
     (["--lpips_weights", "/nonexistent/lpips.pth"], "--lpips_weights /nonexistent/lpips.pth: no such file"),
     (["--resume_from_checkpoint", "checkpoint-9"], "is not a complete checkpoint folder"),
     (["--disc_start", "-1"], "--disc_start must be >= 0, got -1"),
+    (["--scale_equivariance_weight", "-0.5"], "--scale_equivariance_weight must be >= 0, got -0.5"),
 ])
 def test_mistakes_are_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, str(ROOT / "training" / "train_vae.py"), "--output_dir",
@@ -204,3 +205,20 @@ def test_lpips_from_a_local_file_and_a_wrong_file(tmp_path):
     save_model(torch.nn.Linear(2, 2), str(wrong))
     proc = train_vae("--output_dir", str(tmp_path / "vae2"), "--lpips_weights", str(wrong), "--max_train_steps", "1")
     assert proc.returncode == 2 and f"--lpips_weights {wrong}: not an LPIPS(net='vgg') state dict" in proc.stderr
+
+
+def test_the_downsampled_decode_is_the_decoder_on_the_pooled_latent():
+    """--scale_equivariance_weight's input: the same forward also decodes avg_pool2d(z, 2), the z
+    that the full-size reconstruction decodes (one generator draw for both)."""
+    sys.path.insert(0, str(ROOT))
+    from training.train_vae import ReconstructionWithKL
+
+    vae = AutoencoderKL.from_pretrained(ASSETS / "tiny_vae").eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        recon, mean, logvar, small = ReconstructionWithKL(vae)(x, torch.Generator().manual_seed(0), downsampled=True)
+        z = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0))
+        torch.testing.assert_close(recon, vae.decode(z).sample)
+        torch.testing.assert_close(small, vae.decode(torch.nn.functional.avg_pool2d(z, 2)).sample)
+    assert small.shape == (2, 3, 16, 16)
+    assert ReconstructionWithKL(vae)(x)[3] is None

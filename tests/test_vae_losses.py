@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ldm.vae_losses import (PatchDiscriminator, adaptive_weight, bicubic_roundtrip, disc_factor, hinge_d_loss,
+from ldm.vae_losses import (PatchDiscriminator, scale_equivariance_loss, adaptive_weight, bicubic_roundtrip, disc_factor, hinge_d_loss,
                             hinge_g_loss, image_metrics, kl_standard_normal, latent_scaling, patch_layers_for, psnr,
                             reconstruction_loss, ssim)
 
@@ -114,3 +114,11 @@ def test_patch_discriminator_gives_a_logit_per_patch():
         assert patch_layers_for(resolution) == layers
     disc = PatchDiscriminator(channels=8, layers=patch_layers_for(32))
     assert disc(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 6, 6)
+
+
+def test_scale_equivariance_loss_compares_with_the_pooled_image():
+    x = torch.tensor([[[[1.0, 3.0, 0.0, 0.0], [5.0, 7.0, 0.0, 4.0]]]])  # two 2x2 cells: means 4 and 1
+    assert scale_equivariance_loss(x, torch.tensor([[[[4.0, 1.0]]]])).item() == 0.0
+    small = torch.tensor([[[[2.0, 2.0]]]])  # off by 2 and 1: L1 1.5, squared error 2.5
+    assert scale_equivariance_loss(x, small).item() == pytest.approx(1.5)
+    assert scale_equivariance_loss(x, small, l2_weight=2.0).item() == pytest.approx(1.5 + 2 * 2.5)

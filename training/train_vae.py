@@ -46,7 +46,8 @@ from ldm.images import image_grid, tensor_to_pil
 from ldm.models import build_vae, count_parameters, is_single_file, load_vae
 from ldm.runtime import use_cpu_cores
 from ldm.vae_losses import (PatchDiscriminator, adaptive_weight, disc_factor, hinge_d_loss, hinge_g_loss,
-                            kl_standard_normal, latent_scaling, patch_layers_for, reconstruction_loss)
+                            kl_standard_normal, latent_scaling, patch_layers_for, reconstruction_loss,
+                            scale_equivariance_loss)
 
 logger = get_logger("train_vae")
 
@@ -60,11 +61,14 @@ class ReconstructionWithKL(torch.nn.Module):
         super().__init__()
         self.vae, self.train_encoder = vae, train_encoder
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, downsampled: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """downsampled: also decode the 2x average-pooled z (the scale-equivariance loss's input)."""
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             posterior = self.vae.encode(x).latent_dist  # (B, C, h, w) each
-        return self.vae.decode(posterior.sample(generator)).sample, posterior.mean, posterior.logvar
+        z = posterior.sample(generator)
+        small = self.vae.decode(torch.nn.functional.avg_pool2d(z, 2)).sample if downsampled else None
+        return self.vae.decode(z).sample, posterior.mean, posterior.logvar, small
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -158,7 +162,7 @@ def validate(cfg: VAETrainConfig) -> None:
             parse_mix(cfg.diverse_mix)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    for name in ("kl_weight", "l2_weight", "perceptual_weight", "disc_weight", "disc_start", "checkpointing_steps",
+    for name in ("kl_weight", "l2_weight", "scale_equivariance_weight", "perceptual_weight", "disc_weight", "disc_start", "checkpointing_steps",
                  "validation_steps", "lr_warmup_steps"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> Path:
                    "data": cfg.train_data_dir or (f"diverse {cfg.diverse_num_images} {cfg.diverse_mix}".strip() if cfg.data == "diverse"
                                                   else f"builtin {cfg.builtin_num_images} {cfg.builtin_colors}"),
                    "objective": [cfg.kl_weight, cfg.l2_weight, cfg.perceptual_weight if lpips_net else 0,
-                                 cfg.disc_weight, cfg.disc_start]}
+                                 cfg.disc_weight, cfg.disc_start,
+                                 *([cfg.scale_equivariance_weight] if cfg.scale_equivariance_weight else [])]}
     try:
         global_step = ckpt.resume(accelerator, out, cfg.resume_from_checkpoint, fingerprint, emas) or 0
     except ValueError as err:  # another run's checkpoint
@@ -308,8 +313,10 @@ def main(argv: list[str] | None = None) -> Path:
             gen = step_generator(cfg.seed, global_step, accelerator.process_index, x.device)
             if cfg.random_flip:
                 x = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen, device=x.device) < 0.5, x.flip(-1), x)
-            recon, mean, logvar = model(x, gen)
+            recon, mean, logvar, small = model(x, gen, downsampled=cfg.scale_equivariance_weight > 0)
             rec = reconstruction_loss(x, recon, cfg.l2_weight)
+            if small is not None:
+                rec = rec + cfg.scale_equivariance_weight * scale_equivariance_loss(x, small, cfg.l2_weight)
             if lpips_net is not None:
                 rec = rec + cfg.perceptual_weight * lpips_net(recon.float(), x.float()).mean()
             # Both sums over the same N elements as in the LDM paper's weighting.
