@@ -227,6 +227,17 @@ class CacheStats:
 MISSING = "missing"
 
 
+def batch_slices(n: int, batch_size: int, min_last: int = 1) -> list[slice]:
+    """Consecutive slices of `range(n)`, `batch_size` long; a last one shorter than `min_last`
+    joins the one before it (so it holds up to batch_size + min_last - 1)."""
+    if batch_size < 1 or min_last < 1:
+        raise ValueError(f"batch_size and min_last must be >= 1, got {batch_size} and {min_last}")
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < min_last:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, [*starts[1:], n])]
+
+
 class EntryStore:
     """One tensor per safetensors file at root/<key[:2]>/<key>.safetensors, written atomically."""
 
@@ -294,9 +305,10 @@ class EntryStore:
              shape_of: Callable[[str], tuple[int, ...]], dtype: torch.dtype,
              group_of: Callable[[str], Hashable], info_of: Callable[[str], dict[str, Any]], batch_size: int,
              rank: int = 0, world_size: int = 1, wait_for_everyone: Callable[[], None] | None = None,
-             should_stop: Callable[[], None] | None = None) -> CacheStats:
+             should_stop: Callable[[], None] | None = None, min_last_batch: int = 1) -> CacheStats:
         """Make the entries of `wanted` (key -> anything) that are missing or invalid, `compute(keys)`
-        giving their values stacked, (B, ...), for keys of one `group_of(key)` (e.g. an image size).
+        giving their values stacked, (B, ...), for keys of one `group_of(key)` (e.g. an image size),
+        in batches of `batch_size` (`batch_slices`: a last one under `min_last_batch` joins the one before).
 
         Processes: each key has an owner, rank = key mod `world_size` (the same on every process
         whenever it looked at the folder; a split of the missing list by position would not be, as
@@ -317,7 +329,8 @@ class EntryStore:
                 invalid += 1
             missing.append(key)
         make = functools.partial(self._make, compute=compute, shape_of=shape_of, dtype=dtype, group_of=group_of,
-                                 info_of=info_of, batch_size=batch_size, should_stop=should_stop)
+                                 info_of=info_of, batch_size=batch_size, should_stop=should_stop,
+                                 min_last_batch=min_last_batch)
         try:
             encoded = make(missing)
         finally:
@@ -333,15 +346,15 @@ class EntryStore:
                           time.perf_counter() - start)
 
     def _make(self, keys: list[str], *, compute, shape_of, dtype, group_of, info_of, batch_size,
-              should_stop) -> int:
+              should_stop, min_last_batch) -> int:
         groups: dict[Hashable, list[str]] = {}
         for key in keys:
             groups.setdefault(group_of(key), []).append(key)
         for members in groups.values():
-            for start in range(0, len(members), batch_size):
+            for batch_slice in batch_slices(len(members), batch_size, min_last_batch):
                 if should_stop is not None:
                     should_stop()
-                batch = members[start : start + batch_size]
+                batch = members[batch_slice]
                 values = compute(batch)
                 for key, value in zip(batch, values, strict=True):
                     value = value.detach().to("cpu", dtype)
@@ -414,12 +427,12 @@ class LatentCache:
     def ensure(self, items: Sequence[tuple[str, Preprocess]], load_images: Callable[[list[int]], list[Image.Image]],
                *, encode_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 64,
                rank: int = 0, world_size: int = 1, wait_for_everyone: Callable[[], None] | None = None,
-               should_stop: Callable[[], None] | None = None) -> CacheStats:
+               should_stop: Callable[[], None] | None = None, min_last_batch: int = 1) -> CacheStats:
         """Encode the items (content hash, preprocessing) whose entries are missing; `load_images`
         gives the images of a list of item indices (e.g. `lambda idx: dataset[idx]["image"]`),
         asked for the misses only. `encode_fn` (default `self.encode`) must compute what it
         does: it is for wrapping it (device, counting), not for changing it. See `EntryStore.fill`
-        for the processes."""
+        for the processes and the batches."""
         first: dict[str, int] = {}
         for i, (image_hash, spec) in enumerate(items):
             first.setdefault(self.key(image_hash, spec), i)
@@ -439,7 +452,7 @@ class LatentCache:
         stats = self.store.fill(first, compute, shape_of=lambda k: self.shape(items[first[k]][1]), dtype=self.dtype,
                                 group_of=lambda k: items[first[k]][1].size, info_of=info, batch_size=batch_size,
                                 rank=rank, world_size=world_size, wait_for_everyone=wait_for_everyone,
-                                should_stop=should_stop)
+                                should_stop=should_stop, min_last_batch=min_last_batch)
         logger.info("latent cache %s: %s", self.store.root, stats)
         return stats
 

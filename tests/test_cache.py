@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm.buckets import resize_and_crop, to_tensor
-from ldm.cache import (LatentCache, Preprocess, TextEmbeddingCache, content_hash, latent_items, unique_captions,
-                       weights_hash)
+from ldm.cache import (LatentCache, Preprocess, TextEmbeddingCache, batch_slices, content_hash, latent_items,
+                       unique_captions, weights_hash)
 from ldm.config import model_preset
 from ldm.data import CachedLatents, collate_latents, image_transform, training_dataloader
 from ldm.synthetic import make_examples
@@ -140,6 +140,35 @@ def test_invalidation_recomputes_only_what_changed(vae, images, tmp_path):
     assert (stats.misses, counter.images) == (12, 12)
     stats, counter = fill(LatentCache(tmp_path, vae), items, imgs)  # the old entries are still there
     assert (stats.hits, counter.calls) == (12, 0)
+
+
+def test_batch_slices_put_a_short_last_batch_into_the_one_before():
+    bounds = lambda *args: [(s.start, s.stop) for s in batch_slices(*args)]  # noqa: E731
+    assert bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]  # min_last 1: plain batches
+    assert bounds(10, 4, 4) == [(0, 4), (4, 10)]
+    assert bounds(12, 4, 4) == [(0, 4), (4, 8), (8, 12)]
+    assert bounds(500, 16, 16)[-2:] == [(464, 480), (480, 500)] and len(bounds(500, 16, 16)) == 31
+    assert bounds(3, 16, 16) == [(0, 3)] and bounds(0, 16, 16) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        batch_slices(10, 0)
+
+
+def test_latent_cache_batches_and_their_moments(vae, images):
+    """A short last batch joins the one before; the moments are the encoder's, whatever the batches."""
+    imgs, _ = images  # 12
+    sizes = []
+
+    def encode(x):
+        sizes.append(len(x))
+        return cache.encode(x)
+
+    cache, items = LatentCache(None, vae), square_items(imgs)
+    cache.ensure(items, lambda idx: [imgs[i] for i in idx], encode_fn=encode, batch_size=5, min_last_batch=5)
+    assert sizes == [5, 7]
+    fresh = LatentCache(None, vae)
+    fill(fresh, items, imgs, batch_size=12)
+    for item in items:  # the same values (the last bits may depend on the batch's size: its kernels)
+        torch.testing.assert_close(cache.read(*item), fresh.read(*item), rtol=0, atol=1e-5)
 
 
 def test_content_hash():

@@ -223,6 +223,15 @@ def test_two_process_cpu_launch(tmp_path):
     assert len(ema) == len(params) and all(torch.equal(ema[f"shadow.{i}"], p) for i, p in enumerate(params))
 
 
+def test_importing_the_script_leaves_garbage_collection_alone():
+    """Only a command-line run pauses collection while it imports and freezes what the imports made."""
+    import gc
+
+    import training.train_ldm  # noqa: F401
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
 def test_tiny_model_overfits_one_batch():
     """The loss of the training objective on one fixed batch falls by an order of magnitude."""
     c = build_components(model_preset("tiny"), seed=0)

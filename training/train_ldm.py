@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ if __name__ == "__main__":  # --help without importing torch (seconds)
     from ldm.config import exit_early_for_help
 
     exit_early_for_help()
+    gc.disable()  # until the imports are done (the end of this file)
 
 import torch
 import torch.nn.functional as F
@@ -610,4 +612,9 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
+    # The imports made ~0.5M objects that live as long as the process: collecting them 8 times
+    # while importing cost ~0.9 s, every full collection of the run ~0.2 s and the one at exit ~1.3 s.
+    gc.freeze()  # out of every later collection (those objects are never freed before the exit anyway)
+    gc.enable()
     run_cli(main)
+    gc.freeze()  # what the run made, out of the collection at exit
