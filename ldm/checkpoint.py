@@ -156,7 +156,7 @@ def data_fingerprint(dataset) -> str:
         digest.update("".join(dataset["image_hash"]).encode())
         what = "images + captions"
     if "mask_hash" in dataset.column_names:  # loss masks weigh the loss: another mask is another run
-        digest.update(json.dumps(dataset["mask_hash"]).encode())
+        digest.update(json.dumps(list(dataset["mask_hash"])).encode())
         what += " + masks"
     return f"{len(dataset)} examples, {what} {digest.hexdigest()[:16]}"
 
