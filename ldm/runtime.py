@@ -173,3 +173,27 @@ def gpu_settings(unet: torch.nn.Module, vae: torch.nn.Module, device: torch.devi
                 "on" if applied["channels_last"] else "off",
                 f"{applied['compiled_blocks']} U-Net blocks" if torch_compile else "off")
     return applied
+
+
+def effective_global_batch(cfg: Any, num_processes: int, num_examples: int) -> int:
+    """Samples per optimizer step; a data set smaller than one batch makes every step use all of it (warned)."""
+    asked = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
+    if num_examples >= cfg.train_batch_size * num_processes:
+        return asked
+    logger.warning("the data set has %d examples, fewer than one batch (%d x %d processes): every step uses "
+                   "those %d (global batch %d, not %d)", num_examples, cfg.train_batch_size, num_processes,
+                   num_examples, num_examples * cfg.gradient_accumulation_steps, asked)
+    return num_examples * cfg.gradient_accumulation_steps
+
+
+def throughput(wall_s: float, steps: int, global_batch: int, device: torch.device) -> dict:
+    """run_info's speed figures: wall time from start-up to the end of training, steps and images
+    per second of it, and peak memory (the accelerator's allocations, else the CPU resident set)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"wall_time_s": round(wall_s, 1), "steps_per_s": round(steps / wall_s, 3),
+            "images_per_s": round(steps * global_batch / wall_s, 2), "peak_memory_mb": round(peak, 1)}

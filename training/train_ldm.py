@@ -64,8 +64,8 @@ from ldm.prior import class_dataset, ensure_class_images, prior_preservation_los
 from ldm.posthoc_ema import SNAPSHOT_DIR, PowerEMA, named_trainable, prune_snapshots, save_snapshots, snapshot_due
 from ldm.run_folder import check_output_dir, clear_run_files
 from ldm.optimizers import evaluation_weights, make_optimizer, set_train_mode
-from ldm.runtime import (GracefulStop, StopRequested, gpu_settings, requested_mixed_precision,
-                         resolve_mixed_precision, use_cpu_cores)
+from ldm.runtime import (GracefulStop, StopRequested, effective_global_batch, gpu_settings, requested_mixed_precision,
+                         resolve_mixed_precision, throughput, use_cpu_cores)
 from ldm.schedulers import make_sampler, training_scheduler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from ldm.trace import StepTrace
@@ -255,30 +255,6 @@ def save_pipeline(pipe: TextToImagePipeline, cfg: TrainConfig, *, train_te: bool
                               "val_loss": run_info.get("final_val_loss_ema", run_info.get("final_val_loss"))},
                      grid=grids[-1] if grids else None)
     logger.info("saved pipeline to %s", out)
-
-
-def effective_global_batch(cfg: TrainConfig, num_processes: int, num_examples: int) -> int:
-    """Samples per optimizer step; a data set smaller than one batch makes every step use all of it (warned)."""
-    asked = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
-    if num_examples >= cfg.train_batch_size * num_processes:
-        return asked
-    logger.warning("the data set has %d examples, fewer than one batch (%d x %d processes): every step uses "
-                   "those %d (global batch %d, not %d)", num_examples, cfg.train_batch_size, num_processes,
-                   num_examples, num_examples * cfg.gradient_accumulation_steps, asked)
-    return num_examples * cfg.gradient_accumulation_steps
-
-
-def throughput(wall_s: float, steps: int, global_batch: int, device: torch.device) -> dict:
-    """run_info's speed figures: wall time from start-up to the end of training, steps and images
-    per second of it, and peak memory (the accelerator's allocations, else the CPU resident set)."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"wall_time_s": round(wall_s, 1), "steps_per_s": round(steps / wall_s, 3),
-            "images_per_s": round(steps * global_batch / wall_s, 2), "peak_memory_mb": round(peak, 1)}
 
 
 def main(argv: list[str] | None = None) -> Path:
