@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ldm.cache import LatentCache, Preprocess, TextEmbeddingCache, content_hash, weights_hash
-from ldm.config import model_preset
 from ldm.data import collate_latents, image_transform
 from ldm.diffusion import add_noise, gather, training_target
 from ldm.draws import categorical, randn, sample_generators
 from ldm.models import build_components, load_vae, with_resolution
+from ldm.presets import model_preset
 from ldm.schedulers import training_scheduler
 from ldm.synthetic import make_dataset
 from ldm.text import drop_captions, encode_tokens, tokenize

@@ -26,8 +26,8 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
-from ldm.config import model_preset
 from ldm.models import components_for_training
+from ldm.presets import model_preset
 from ldm.text import encode_tokens, tokenize
 
 

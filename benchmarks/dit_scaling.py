@@ -37,7 +37,7 @@ VARIANTS = ["tiny", *DITS]
 
 def variant_config(name: str):
     """The ModelConfig of a variant: a preset, or tiny-dit with another DiT."""
-    from ldm.config import DiTConfig, model_preset
+    from ldm.presets import DiTConfig, model_preset
 
     if name == "tiny":
         return model_preset("tiny")
@@ -48,7 +48,7 @@ def variant_config(name: str):
 
 def register(name: str) -> None:
     """Make `name` a preset in this process (train_ldm's --preset choices)."""
-    from ldm.config import PRESETS
+    from ldm.presets import PRESETS
 
     PRESETS.setdefault(name, lambda: variant_config(name))
 

@@ -345,8 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     half = torch.bfloat16 if device.type == "cuda" else None  # CPU smoke: float32 (bf16 is slow without AMX)
     sample_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    from ldm.config import model_preset
     from ldm.models import build_components, build_noise_scheduler
+    from ldm.presets import model_preset
 
     result: dict = {"suite": "gpu_suite", "date": datetime.datetime.now().isoformat(timespec="seconds"),
                     "smoke": smoke, "preset": preset, "resolution": resolution, "commit": git_commit(),

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.config import ASSETS  # noqa: E402
 from ldm.data import image_transform  # noqa: E402
+from ldm.presets import ASSETS  # noqa: E402
 from ldm.synthetic import BACKGROUNDS, COLORS, Obj, Scene, render  # noqa: E402
 
 RGB = tuple[int, int, int]

@@ -102,8 +102,8 @@ def build_model_folder(workload: Workload, path: Path) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, model_preset
     from ldm.models import build_components, load_vae
+    from ldm.presets import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, model_preset
 
     if workload.name == "tiny":
         cfg = model_preset("tiny")

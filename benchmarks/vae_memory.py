@@ -40,8 +40,8 @@ def measure_one(op: str, size: int, mode: str, batch: int, tile_size: int, threa
     """One configuration, in this process (call it in a fresh one)."""
     import torch
 
-    from ldm.config import model_preset
     from ldm.models import build_vae
+    from ldm.presets import model_preset
     from ldm.vae_utils import configure_vae
 
     torch.set_num_threads(threads)

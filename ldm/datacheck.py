@@ -513,7 +513,7 @@ def token_limit(tokenizer, max_length: int | None) -> int | None:
 def model_token_limit(preset: str = "tiny", pretrained: str | None = None) -> int:
     """How many tokens of a caption the model reads (the rest is cut): a local pretrained folder's
     tokenizer `model_max_length` (a single file: sd15's), else the preset's text `max_length`."""
-    from ldm.config import model_preset
+    from ldm.presets import model_preset
 
     if pretrained:
         config = Path(pretrained) / "tokenizer" / "tokenizer_config.json"

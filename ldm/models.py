@@ -16,8 +16,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm.config import DiTConfig, ModelConfig, NoiseConfig, UNetConfig, VAEConfig, denoiser_downsampling
 from ldm.hub import SINGLE_FILE_SUFFIXES
+from ldm.presets import DiTConfig, ModelConfig, NoiseConfig, UNetConfig, VAEConfig, denoiser_downsampling
 from ldm.text import build_clip_tokenizer, build_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def load_single_file(path: str, config: str | None = None) -> Components:
                              f"(convert it to .safetensors from a trusted environment): {e}") from e
     with tempfile.TemporaryDirectory() as tmp:
         if config is None:
-            from ldm.config import model_preset
+            from ldm.presets import model_preset
 
             config = str(write_pipeline_configs(model_preset("sd15"), tmp))
             logger.info("loading single-file checkpoint %s with the sd15 preset's configs", path)

@@ -183,7 +183,7 @@ def with_open_clip_text(model_cfg, arch: str | None, weights: str | None, layer:
     returned config attends to the tower's width."""
     from dataclasses import replace
 
-    from ldm.config import TextEncoderConfig
+    from ldm.presets import TextEncoderConfig
 
     if not arch:
         return model_cfg, None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.config import TextEncoderConfig
+from ldm.presets import TextEncoderConfig
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48,894 merges of the 16e6 BPE file

@@ -40,8 +40,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_components():
-    from ldm.config import model_preset
     from ldm.models import build_components
+    from ldm.presets import model_preset
 
     return build_components(model_preset("tiny"), seed=0)
 

@@ -13,8 +13,8 @@ from PIL import Image, ImageOps
 from ldm.buckets import resize_and_crop, to_tensor
 from ldm.cache import (LatentCache, Preprocess, TextEmbeddingCache, batch_slices, content_hash, latent_items,
                        unique_captions, weights_hash)
-from ldm.config import model_preset
 from ldm.data import CachedLatents, collate_latents, image_transform, training_dataloader
+from ldm.presets import model_preset
 from ldm.synthetic import make_examples
 from ldm.text import build_clip_tokenizer, encode_tokens, tokenize
 

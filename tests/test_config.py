@@ -1,4 +1,4 @@
-"""ldm/config.py: defaults < YAML (`--config`) < command-line flags, validation, presets, --help."""
+"""ldm/config.py and ldm/presets.py: defaults < YAML (`--config`) < command-line flags, validation, presets, --help."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import yaml
 
-from ldm.config import (PRESETS, ObjectiveConfig, TrainConfig, build_parser, fill_objective, model_preset, resolve_train_config,
-                        save_config)
+from ldm.config import TrainConfig, build_parser, fill_objective, resolve_train_config, save_config
 from ldm.errors import UsageError
+from ldm.presets import PRESETS, ObjectiveConfig, model_preset
 
 
 def _write_yaml(path, data) -> str:

@@ -314,7 +314,7 @@ def test_snr_weights_are_computed_after_the_zero_terminal_snr_rescale():
     SNR weights from) must be the rescaled one."""
     from ldm.diffusion import min_snr_weight, snr
     from ldm.models import build_noise_scheduler
-    from ldm.config import NoiseConfig
+    from ldm.presets import NoiseConfig
     from ldm.schedulers import training_scheduler
 
     base = build_noise_scheduler(NoiseConfig(prediction_type="v_prediction"))

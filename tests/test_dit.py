@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
 
-from ldm.config import DiTConfig, TrainConfig, model_downsampling, model_preset
+from ldm.config import TrainConfig, model_downsampling
 from ldm.lora import add_lora, save_lora
 from ldm.models import build_components, build_transformer, count_parameters, denoise, load_pretrained
+from ldm.presets import DiTConfig, model_preset
 from ldm.schedulers import make_sampler
 from pipelines import TextToImagePipeline
 

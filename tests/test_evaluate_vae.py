@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.config import ASSETS, VAEConfig
 from ldm.models import build_vae
+from ldm.presets import ASSETS, VAEConfig
 from ldm.synthetic import make_examples
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from test_single_file import tiny_sd1, to_original
 
 from conftest import make_pipeline
-from ldm.config import model_preset
 from ldm.errors import run_cli
 from ldm.export import (LORA_WEIGHT_NAME, load_single_file_pipeline, lora_to_kohya, pipeline_to_original,
                         unet_module_map)
 from ldm.lora import add_lora, save_lora, trainable_parameters
 from ldm.models import build_components
+from ldm.presets import model_preset
 from training.export import main
 
 PROMPTS = ["a red circle", "a blue square"]

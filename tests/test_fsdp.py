@@ -42,8 +42,8 @@ def test_fsdp_config_shards_the_sd15_unet_by_its_blocks():
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    from ldm.config import model_preset
     from ldm.models import build_unet
+    from ldm.presets import model_preset
 
     fsdp = load("fsdp.yaml")["fsdp_config"]
     assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from ldm.config import model_preset
 from ldm.lora import WEIGHT_NAME, add_lora, save_lora, trainable_parameters
 from ldm.models import build_components
+from ldm.presets import model_preset
 from ldm.schedulers import make_sampler
 from pipelines import TextToImagePipeline
 

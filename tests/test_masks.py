@@ -156,8 +156,8 @@ def test_a_row_without_a_mask_trains_everywhere(tmp_path):
 
 
 def test_cached_masks_at_latent_resolution_and_a_cache_made_without_masks(tmp_path):
-    from ldm.config import model_preset
     from ldm.models import load_vae
+    from ldm.presets import model_preset
 
     vae = load_vae(model_preset("tiny").pretrained_vae).eval()
     root = masked_folder(tmp_path / "d")

@@ -9,8 +9,8 @@ import torch
 from accelerate import init_empty_weights
 
 from ldm.attention import configure_attention, xformers_status
-from ldm.config import model_preset
 from ldm.models import build_components, build_unet, build_vae, count_parameters, load_pretrained
+from ldm.presets import model_preset
 from ldm.text import build_text_encoder
 
 

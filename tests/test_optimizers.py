@@ -92,7 +92,7 @@ def test_use_8bit_adam_is_an_alias_and_self_scheduled_optimizers_run_a_constant_
 
 def test_another_optimizer_is_another_run_on_resume():
     from ldm import checkpoint as ckpt
-    from ldm.config import model_preset
+    from ldm.presets import model_preset
 
     def fingerprint(**kw):
         model = dataclasses.replace(model_preset("tiny"), pretrained_vae=None)  # not hashing the shipped VAE

@@ -13,7 +13,8 @@ import torch
 from conftest import make_pipeline
 from diffusers import EulerAncestralDiscreteScheduler
 
-from ldm.config import TrainConfig, model_preset
+from ldm.config import TrainConfig
+from ldm.presets import model_preset
 from ldm.schedulers import SAMPLERS, ancestral_step
 from pipelines import TextToImagePipeline
 

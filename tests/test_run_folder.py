@@ -215,7 +215,8 @@ def test_a_failed_start_writes_nothing_and_a_tiny_data_set_is_named(tmp_path):
 def test_the_run_fingerprint_knows_a_vae_folder_by_its_weights_not_its_path(tmp_path):
     import shutil
 
-    from ldm.config import TrainConfig, model_preset
+    from ldm.config import TrainConfig
+    from ldm.presets import model_preset
 
     preset = model_preset("tiny")
     moved = tmp_path / "moved_vae"
@@ -234,7 +235,8 @@ def test_the_run_fingerprint_knows_a_vae_folder_by_its_weights_not_its_path(tmp_
 
 
 def test_tag_options_and_prior_preservation_are_in_the_run_fingerprint():
-    from ldm.config import TrainConfig, model_preset
+    from ldm.config import TrainConfig
+    from ldm.presets import model_preset
 
     def fingerprint(**changes):
         cfg = dataclasses.replace(TrainConfig(), **changes)

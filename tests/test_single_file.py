@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, model_preset
 from ldm.models import build_components, load_pretrained, write_pipeline_configs
+from ldm.presets import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, model_preset
 from ldm.text import encode_tokens, tokenize
 
 

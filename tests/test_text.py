@@ -50,7 +50,7 @@ def test_caption_dropout_rate_and_determinism():
 
 
 def test_word_separation_sees_only_what_differs_and_a_merged_word_reads_zero():
-    from ldm.config import model_preset
+    from ldm.presets import model_preset
     from ldm.text import build_text_encoder, word_separation
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm.config import ASSETS
+from ldm.presets import ASSETS
 from ldm.synthetic import make_examples
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from ldm.config import model_preset
 from ldm.diffusion import add_noise, gather, training_target
 from ldm.models import build_components
+from ldm.presets import model_preset
 from ldm.synthetic import export_folder
 from ldm.text import encode_tokens, tokenize
 from pipelines import TextToImagePipeline

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.config import model_preset
 from ldm.models import build_vae
+from ldm.presets import model_preset
 from ldm.synthetic import make_examples
 from ldm.vae_utils import (PSNR_CAP_DB, configure_vae, decode_latents, encode_images, first_stage_fit, psnr,
                            reconstruction_psnr)

@@ -194,8 +194,8 @@ def test_the_same_weights_give_the_same_number(tiny_components):
 def test_encode_held_out_is_the_vae_posterior_of_the_centre_crop():
     from diffusers import AutoencoderKL
 
-    from ldm.config import ASSETS
     from ldm.data import image_transform, to_rgb
+    from ldm.presets import ASSETS
     from ldm.synthetic import make_dataset
     from ldm.validation_loss import encode_held_out
 

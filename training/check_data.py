@@ -30,8 +30,8 @@ if __package__ in (None, ""):  # `python training/check_data.py` runs this as a 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm import datacheck
-from ldm.config import PRESETS
 from ldm.errors import run_cli
+from ldm.presets import PRESETS
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

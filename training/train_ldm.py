@@ -44,7 +44,7 @@ from ldm import checkpoint as ckpt
 from ldm.attention import configure_attention
 from ldm.cache import TextEmbeddingCache, first_moments
 from ldm.captions import TagOptions, tag_captions, with_prefix
-from ldm.config import ModelConfig, TrainConfig, model_preset, resolve_train_config, save_config
+from ldm.config import TrainConfig, resolve_train_config, save_config
 from ldm.data import load_captioned_dataset, pick_caption, set_loader_epoch, training_dataloader
 from ldm.diffusion import (add_noise, annealed_multiplier, gather, min_snr_weight, offset_noise, perturb_noise,
                            snr, timestep_probabilities, training_target)
@@ -62,6 +62,7 @@ from ldm.open_clip_text import use_text_encoder, with_open_clip_text
 from ldm.plots import write_training_curves
 from ldm.prior import class_dataset, ensure_class_images, prior_preservation_loss, with_class_data
 from ldm.posthoc_ema import SNAPSHOT_DIR, PowerEMA, named_trainable, prune_snapshots, save_snapshots, snapshot_due
+from ldm.presets import ModelConfig, model_preset
 from ldm.run_folder import check_output_dir, clear_run_files
 from ldm.optimizers import evaluation_weights, make_optimizer, set_train_mode
 from ldm.runtime import (GracefulStop, StopRequested, effective_global_batch, gpu_settings, requested_mixed_precision,

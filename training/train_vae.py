@@ -38,12 +38,13 @@ from tqdm.auto import tqdm
 
 from ldm import checkpoint as ckpt
 from ldm import datacheck
-from ldm.config import VAEConfig, VAETrainConfig, check_output_dir, resolve_config, save_config
+from ldm.config import VAETrainConfig, check_output_dir, resolve_config, save_config
 from ldm.data import collate, load_captioned_dataset, make_batch_transform
 from ldm.errors import UsageError, run_cli
 from ldm.first_stage_data import FirstStageImages, parse_mix
 from ldm.images import image_grid, tensor_to_pil
 from ldm.models import build_vae, count_parameters, is_single_file, load_vae
+from ldm.presets import VAEConfig
 from ldm.runtime import use_cpu_cores
 from ldm.vae_losses import (PatchDiscriminator, adaptive_weight, disc_factor, hinge_d_loss, hinge_g_loss,
                             kl_standard_normal, latent_scaling, patch_layers_for, reconstruction_loss,
@@ -103,7 +104,7 @@ def load_pretrained_vae(path: str, config: str | None = None) -> AutoencoderKL:
         return load_vae(path)
     if config:
         return AutoencoderKL.from_single_file(path, config=config, local_files_only=True)
-    from ldm.config import model_preset
+    from ldm.presets import model_preset
 
     with tempfile.TemporaryDirectory() as tmp:
         with torch.device("meta"):
