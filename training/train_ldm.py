@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> Path:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     for ema in emas.values():
         ema.to(accelerator.device)
+    ema_params = {name: trainable_parameters(trained[name]) for name in emas}  # once, after prepare
     # --posthoc_ema: power-function EMAs whose snapshots rebuild any EMA length later (training/posthoc_ema.py)
     posthoc = PowerEMA(named_trainable(trained), tuple(cfg.posthoc_ema_sigma_rels)) if cfg.posthoc_ema else None
     extra_state = {"posthoc_ema": posthoc} if posthoc else {}  # saved with each checkpoint, restored on resume
@@ -534,7 +535,7 @@ def main(argv: list[str] | None = None) -> Path:
             else:
                 consecutive_bad = 0
                 for name, ema in emas.items():
-                    ema.step(trainable_parameters(trained[name]))
+                    ema.step(ema_params[name])
                 if posthoc is not None:
                     posthoc.step(named_trainable(trained))
             step_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
