@@ -2,6 +2,7 @@
 
     python benchmarks/dit_scaling.py                      # params, GFLOPs per image, seconds per step
     python benchmarks/dit_scaling.py --train [--max_train_steps 2400] [--variants tiny tiny-dit]
+    python benchmarks/dit_scaling.py --plot scaling.png --from_json results.json [more.json ...]
 
 For each variant: denoiser parameters, forward GFLOPs per image (torch.utils.flop_counter, one
 32 px image = 16x16x4 latents and 32 text tokens; a training step costs about 3x), and the median
@@ -11,7 +12,9 @@ With --train, each variant is trained by training/train_ldm.py (the quick start'
 flags after `--` are passed on) into --out/<variant>, and its held-out score read from eval/eval.json.
 
 Variants: `tiny` (U-Net) and DiTs named S or B (width 96 x 4 blocks, 128 x 6 blocks) and their
-patch size; B/2 is the `tiny-dit` preset. The DiTs that are not presets are registered as
+patch size (4, 2 or, for S, 1: 256 tokens); B/2 is the `tiny-dit` preset. --plot draws held-out
+score against forward GFLOPs per image, one line per DiT width (the DiT paper's fig. 2 at toy
+scale), from this run's results or from earlier JSON files (--from_json; later files win). The DiTs that are not presets are registered as
 presets in the training process this script starts, so train_ldm trains them unchanged.
 """
 
@@ -31,7 +34,8 @@ if __package__ in (None, ""):
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (width, blocks, heads, patch); width = heads x 32 (S: 3 heads, B: 4)
-DITS = {"dit-S/2": (96, 4, 3, 2), "dit-S/4": (96, 4, 3, 4), "tiny-dit": (128, 6, 4, 2), "dit-B/4": (128, 6, 4, 4)}
+DITS = {"dit-S/1": (96, 4, 3, 1), "dit-S/2": (96, 4, 3, 2), "dit-S/4": (96, 4, 3, 4), "tiny-dit": (128, 6, 4, 2),
+        "dit-B/4": (128, 6, 4, 4)}
 VARIANTS = ["tiny", *DITS]
 
 
@@ -134,6 +138,48 @@ def train(name: str, out: Path, extra: list[str]) -> dict:
             **{k: report[k] for k in ("all", "color", "shape", "position", "images")}}
 
 
+def plot_scaling(results: dict[str, dict], out: str | Path) -> Path:
+    """Held-out all-three score (%) against forward GFLOPs per image: the trained DiTs joined by
+    width across patch sizes, the U-Net as a star. Variants without a score are left out."""
+    from matplotlib.figure import Figure
+
+    scored = {n: r for n, r in results.items() if "all" in r and "gflops_per_image" in r}
+    if not scored:
+        raise ValueError("no variant has both a held-out score and GFLOPs: train some (--train) or pass --from_json")
+    fig = Figure(figsize=(6, 4), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for width, marker in ((96, "o"), (128, "s")):
+        pts = sorted((r["gflops_per_image"], 100 * r["all"], n) for n, r in scored.items()
+                     if n in DITS and DITS[n][0] == width)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
+                    label=f"DiT width {width} x {DITS[pts[0][2]][1]} blocks")
+            for x, y, n in pts:
+                ax.annotate(f"{n} (p{DITS[n][3]})", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if "tiny" in scored:
+        ax.plot([scored["tiny"]["gflops_per_image"]], [100 * scored["tiny"]["all"]], "k*", markersize=12,
+                label="tiny U-Net")
+    ax.set_xscale("log")
+    ax.set_xlabel("denoiser forward GFLOPs per image (log)")
+    ax.set_ylabel("held-out all three (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def merge_results(paths: list[str]) -> dict[str, dict]:
+    """Variant -> fields from earlier JSON files; a later file's fields win."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        for name, fields in json.loads(Path(path).read_text()).items():
+            merged.setdefault(name, {}).update(fields)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -143,9 +189,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train", action="store_true", help="also train and evaluate each variant")
     parser.add_argument("--out", default="outputs/dit_scaling", help="--train: run folders")
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--json", default=None, help="write the results here (after each trained variant too)")
+    parser.add_argument("--plot", default=None, help="PNG of held-out score against GFLOPs per image")
+    parser.add_argument("--from_json", nargs="+", default=None,
+                        help="with --plot: draw these earlier results instead of measuring")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
+    if args.from_json:
+        if not args.plot:
+            parser.error("--from_json only works with --plot")
+        print(plot_scaling(merge_results(args.from_json), args.plot))
+        return {}
     results = measure(args.variants, args.batch, args.rounds, args.threads)
     base = results.get("tiny")
     print(f"{'variant':10} {'params':>8} {'GFLOPs/img':>11} {'s/step':>8} {'vs tiny':>8}")
@@ -156,8 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.variants:
             results[name].update(train(name, Path(args.out) / name.replace("/", "_"), extra))
             print(name, json.dumps(results[name]), flush=True)
+            if args.json:  # a later variant's failure keeps the earlier ones
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        print(plot_scaling(results, args.plot))
     return results
 
 
