@@ -142,6 +142,7 @@ def plot_scaling(results: dict[str, dict], out: str | Path) -> Path:
     """Held-out all-three score (%) against forward GFLOPs per image: the trained DiTs joined by
     width across patch sizes, the U-Net as a star. Variants without a score are left out."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
 
     scored = {n: r for n, r in results.items() if "all" in r and "gflops_per_image" in r}
     if not scored:
@@ -160,6 +161,9 @@ def plot_scaling(results: dict[str, dict], out: str | Path) -> Path:
         ax.plot([scored["tiny"]["gflops_per_image"]], [100 * scored["tiny"]["all"]], "k*", markersize=12,
                 label="tiny U-Net")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("denoiser forward GFLOPs per image (log)")
     ax.set_ylabel("held-out all three (%)")
     ax.set_ylim(0, 100)
