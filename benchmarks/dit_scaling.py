@@ -14,8 +14,9 @@ flags after `--` are passed on) into --out/<variant>, and its held-out score rea
 Variants: `tiny` (U-Net) and DiTs named S or B (width 96 x 4 blocks, 128 x 6 blocks) and their
 patch size (4, 2 or, for S, 1: 256 tokens); B/2 is the `tiny-dit` preset. --plot draws held-out
 score against forward GFLOPs per image, one line per DiT width (the DiT paper's fig. 2 at toy
-scale), from this run's results or from earlier JSON files (--from_json; later files win). The DiTs that are not presets are registered as
-presets in the training process this script starts, so train_ldm trains them unchanged.
+scale), from this run's results or from earlier JSON files (--from_json; later files win).
+The DiTs that are not presets are registered as presets in the training process this script
+starts, so train_ldm trains them unchanged.
 """
 
 from __future__ import annotations
