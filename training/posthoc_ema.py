@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> Path:
     from ldm.config import TrainConfig, resolve_config
     from ldm.posthoc_ema import load_into, reconstruct
     from pipelines import TextToImagePipeline
-    from training.train_ldm import save_pipeline
+    from ldm.training_run import save_pipeline
 
     from accelerate import PartialState
 
