@@ -134,7 +134,9 @@ class TrainConfig:
     # optimisation
     train_batch_size: int = _help("batch size per process", default=32)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
-    max_train_steps: int = _help("optimizer steps", default=2400)
+    # 3,600: the tiny preset learns shape from the shipped first stage's latents on every seed tried
+    # (2,400 did on some); about 14 minutes on 2 cores (benchmarks/results/README.md, the quick start)
+    max_train_steps: int = _help("optimizer steps", default=3600)
     learning_rate: float = _help("peak learning rate", default=1e-3)
     text_encoder_lr: float | None = _help(
         "text encoder learning rate (default: the preset's when training from scratch, else learning_rate)",

@@ -61,7 +61,7 @@ def test_card_metadata_parses_and_names_the_base_and_the_licence():
 def test_card_lists_the_non_default_settings_and_only_those():
     card = finetune_card()
     section = card.split("## Settings that differ from the defaults")[1]
-    for setting, value, default in (("learning_rate", "0.0001", "0.001"), ("max_train_steps", "500", "2400"),
+    for setting, value, default in (("learning_rate", "0.0001", "0.001"), ("max_train_steps", "500", "3600"),
                                     ("mixed_precision", "bf16", "auto"), ("train_batch_size", "8", "32")):
         assert f"| `{setting}` | `{value}` | `{default}` |" in section, setting
     assert "`seed`" not in section and "`lr_scheduler`" not in section  # defaults stay out
