@@ -164,7 +164,7 @@ def cache_text(cfg: TrainConfig, accelerator: Accelerator, text_encoder, tokeniz
 
 
 def save_pipeline(pipe: DiffusionPipeline, cfg: TrainConfig, *, train_te: bool, run_info: dict,
-                  captions: list) -> None:
+                  captions: list) -> str | None:
     """The trained model in diffusers layout (with --lora_rank: the adapters alone), the held-out
     score on the built-in data (eval/), run_info.json, training_curves.png and the model card."""
     out = Path(cfg.output_dir)
@@ -180,7 +180,6 @@ def save_pipeline(pipe: DiffusionPipeline, cfg: TrainConfig, *, train_te: bool, 
         path = save_report(report, images, out / "eval", cfg.eval_images_per_case,
                            title=f"step {run_info.get('global_step')}")
         logger.info("held-out compositions: %s -> %s", summary(report), path)
-        print(f"held-out compositions: {summary(report)}")
     else:
         report = None
     run_info = {**run_info, "torch": torch.__version__}
@@ -198,3 +197,4 @@ def save_pipeline(pipe: DiffusionPipeline, cfg: TrainConfig, *, train_te: bool, 
                               "val_loss": run_info.get("final_val_loss_ema", run_info.get("final_val_loss"))},
                      grid=grids[-1] if grids else None)
     logger.info("saved pipeline to %s", out)
+    return f"held-out compositions: {summary(report)}" if report else None

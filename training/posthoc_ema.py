@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> Path:
         shutil.copy2(run / "train_log.jsonl", out / "train_log.jsonl")
     run_info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
     run_info["posthoc_ema"] = {**info, "run": str(run)}
-    save_pipeline(pipe, cfg, train_te=any(n.startswith("text_encoder.") for n in weights), run_info=run_info,
-                  captions=[])
+    held_out_line = save_pipeline(pipe, cfg, train_te=any(n.startswith("text_encoder.") for n in weights),
+                                  run_info=run_info, captions=[])
+    if held_out_line:
+        print(held_out_line)
     print(f"post-hoc EMA sigma_rel {args.sigma_rel:g} -> {out} (profile fit error "
           f"{100 * info['profile_fit_error']:.2f}%)")
     return out

@@ -406,12 +406,14 @@ def main(argv: list[str] | None = None) -> Path:
         save_posthoc_snapshots(global_step, end=True)
         for name, ema in emas.items():  # the saved model holds the EMA weights
             ema.copy_to(trainable_parameters(trained[name]))
-        save_pipeline(build_pipeline(), cfg, train_te=train_te, captions=list(dataset["text"]), run_info={
+        held_out_line = save_pipeline(build_pipeline(), cfg, train_te=train_te, captions=list(dataset["text"]), run_info={
             "global_step": global_step, "num_processes": accelerator.num_processes, "final_loss": step_loss,
             "prediction_type": prediction_type, "skipped_updates": skipped, "num_examples": len(dataset),
             "mixed_precision": accelerator.mixed_precision, "first_stage_psnr_db": first_stage_psnr,
             **({"validation_examples": len(held_out_rows), **validation_summary(trace.path)} if held_out is not None else {}),
             **throughput(time.perf_counter() - started, global_step - (resumed or 0), global_batch, accelerator.device)})
+        if held_out_line:
+            print(held_out_line)  # the run's result on stdout (also logged)
     accelerator.end_training()
     stop.restore()
     return out
