@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
 
-from ldm.config import TrainConfig, model_downsampling
+from ldm.config import TrainConfig
+from ldm.config_checks import model_downsampling
 from ldm.lora import add_lora, save_lora
 from ldm.models import build_components, build_transformer, count_parameters, denoise, load_pretrained
 from ldm.presets import DiTConfig, model_preset

@@ -20,7 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.evaluation import Case, evaluate_pipeline, held_out_cases, save_report, summary
-from ldm.config import check_output_dir
+from ldm.config_checks import check_output_dir
 from ldm.errors import UsageError, check_positive, existing_folder, run_cli
 from ldm.judge import Judge
 

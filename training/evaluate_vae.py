@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.config import check_output_dir
+from ldm.config_checks import check_output_dir
 from ldm.errors import UsageError, check_positive, existing_folder, run_cli
 
 DATA = ("builtin", "other-palette", "photos-heldout", "diverse")
@@ -83,8 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
     # Not inside the VAE's folder by default: that may be the package's own ldm/assets.
     out = Path(args.out or Path("outputs", "eval_vae", f"{vae_path.resolve().name}_{data}"))
     check_output_dir(str(out), "--out")
-
-    import torch
 
     from ldm.images import image_grid
     from ldm.models import load_vae, vae_scale_factor

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from ldm import checkpoint as ckpt
 from ldm import datacheck
-from ldm.config import VAETrainConfig, check_output_dir, resolve_config, save_config
+from ldm.config import VAETrainConfig, resolve_config, save_config
+from ldm.config_checks import check_output_dir
 from ldm.data import collate, load_captioned_dataset, make_batch_transform
 from ldm.errors import UsageError, run_cli
 from ldm.first_stage_data import FirstStageImages, parse_mix
