@@ -127,13 +127,13 @@ def test_every_readme_command_runs(workdir):
         ran += 1
         if "--resume_from_checkpoint" in cmd:
             assert "resumed from" in proc.stderr
-    assert ran == 34
+    assert ran == 35
     assert (workdir / "data" / "shapes" / "metadata.jsonl").exists()
     for out in ("ldm", "shapes", "ldm-finetuned", "sd15-finetuned", "shapes-again", "ddp-cpu", "custom_ldm",
                 "ldm-phema-0.08", "shapes-tags", "ldm-dreambooth"):
         assert (workdir / "outputs" / out / "model_index.json").exists(), out
     assert len(list((workdir / "data" / "class_shapes").glob("class_*.png"))) == 8  # generated before training
-    for out in ("tiny_vae", "my_vae", "diverse_vae", "my_vae_ft", "tiny_vae_diverse"):
+    for out in ("tiny_vae", "my_vae", "diverse_vae", "my_vae_ft", "tiny_vae_diverse", "tiny_vae_kl"):
         assert (workdir / "outputs" / out / "config.json").exists(), out
     assert len(list((workdir / "outputs" / "eval_vae").glob("*/metrics.json"))) == 2
     assert (workdir / "outputs" / "ldm-lora" / "pytorch_lora_weights.safetensors").exists()

@@ -58,7 +58,8 @@ def test_shipped_tiny_vae_reconstructs_and_gives_unit_variance_latents():
 def test_latent_contrast_finds_the_low_contrast_pair_of_the_shipped_vae(tmp_path):
     """benchmarks/latent_contrast.py: one colour on its own background gives 0 (nothing to draw), and
     on the shipped VAE yellow on white is the pair whose square and circle differ least (~3x less
-    with the VAE trained on the shapes alone, ~1.5x with the one trained on the diverse mix)."""
+    with the VAE trained on the shapes alone, ~1.5x with the diverse mix, ~1.4x with its --kl_weight 1e-3
+    fine-tune, the one shipped)."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.latent_contrast import main, shape_contrast
 
@@ -72,7 +73,7 @@ def test_latent_contrast_finds_the_low_contrast_pair_of_the_shipped_vae(tmp_path
     assert min(white, key=white.get) == "yellow"
     others = [v for name, v in white.items() if name != "yellow"]
     assert white["yellow"] * 1.3 < min(others)
-    assert table["gray"]["yellow"]["latent"] > 1.3 * white["yellow"]  # the same yellow on gray is fine
+    assert table["gray"]["yellow"]["latent"] > 1.2 * white["yellow"]  # the same yellow on gray is fine
 
 
 def _uncaptioned_folder(root: Path, n: int) -> Path:
