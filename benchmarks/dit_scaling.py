@@ -8,8 +8,9 @@ For each variant: denoiser parameters, forward GFLOPs per image (torch.utils.flo
 32 px image = 16x16x4 latents and 32 text tokens; a training step costs about 3x), and the median
 seconds of a training step at --batch (denoiser + text encoder forward, backward, AdamW), the
 variants taking turns step by step so that a shared, busy CPU slows them alike.
-With --train, each variant is trained by training/train_ldm.py (the quick start's settings; extra
-flags after `--` are passed on) into --out/<variant>, and its held-out score read from eval/eval.json.
+With --train, each variant is trained by training/train_ldm.py (its preset's recipe: tiny's for
+tiny, tiny-dit's for every DiT; extra flags after `--` are passed on) into --out/<variant>, and its
+held-out score read from eval/eval.json.
 
 Variants: `tiny` (U-Net) and DiTs named S or B (width 96 x 4 blocks, 128 x 6 blocks) and their
 patch size (4, 2 or, for S, 1: 256 tokens); B/2 is the `tiny-dit` preset. --plot draws held-out

@@ -136,10 +136,10 @@ class TrainConfig:
     # optimisation
     train_batch_size: int = _help("batch size per process", default=32)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
-    # 3,600: the tiny preset learns shape from the shipped first stage's latents on every seed tried
-    # (2,400 did on some); about 14 minutes on 2 cores (benchmarks/results/README.md, the quick start)
-    max_train_steps: int = _help("optimizer steps", default=3600)
-    learning_rate: float = _help("peak learning rate", default=1e-3)
+    max_train_steps: int | None = _help("optimizer steps (default: the preset's: 3,600; tiny-dit 4,400)",
+                                        default=None)
+    learning_rate: float | None = _help("peak learning rate (default: the preset's: 1e-3; tiny-dit 2e-3)",
+                                        default=None)
     text_encoder_lr: float | None = _help(
         "text encoder learning rate (default: the preset's when training from scratch, else learning_rate)",
         default=None)
@@ -334,9 +334,10 @@ def resolve_train_config(argv: list[str] | None = None) -> TrainConfig:
     cfg = resolve_config(TrainConfig, argv)
     if cfg.preset not in PRESETS:
         raise UsageError(f"--preset {cfg.preset!r}: unknown; choose one of {', '.join(PRESETS)}")
-    cfg = resolve_optimizer(cfg)  # before the preset's objective fills the flags not given
-    cfg = fill_objective(cfg, ObjectiveConfig() if cfg.pretrained_model_name_or_path
-                         else model_preset(cfg.preset).objective)
+    objective = preset_objective(cfg)
+    cfg = fill_objective(cfg, objective, ("learning_rate", "max_train_steps"))  # the optimizer's checks read them
+    cfg = resolve_optimizer(cfg)  # before the rest of the objective: Prodigy's one rate for every group
+    cfg = fill_objective(cfg, objective)
     cfg = resolve_resume_name(cfg)
     validate(cfg)
     return cfg
@@ -373,10 +374,23 @@ def resolve_optimizer(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def fill_objective(cfg: TrainConfig, objective: ObjectiveConfig) -> TrainConfig:
-    """Objective flags that were not given take `objective`'s values; `--snr_gamma 0` means off."""
-    values = {f.name: getattr(objective, f.name) for f in dataclasses.fields(ObjectiveConfig)
-              if getattr(cfg, f.name) is None}
+def preset_objective(cfg: TrainConfig) -> ObjectiveConfig:
+    """What the flags left unset take: the preset's recipe when training from scratch, the usual
+    Stable Diffusion objective when fine-tuning a pretrained model."""
+    return ObjectiveConfig() if cfg.pretrained_model_name_or_path else model_preset(cfg.preset).objective
+
+
+def default_config(cfg: TrainConfig) -> TrainConfig:
+    """The defaults a run's model card compares against: the dataclass's, with the objective the
+    run's preset (or fine-tuning) fills in for flags left unset."""
+    return fill_objective(TrainConfig(), preset_objective(cfg))
+
+
+def fill_objective(cfg: TrainConfig, objective: ObjectiveConfig, names: tuple[str, ...] | None = None) -> TrainConfig:
+    """Objective flags that were not given (all, or `names`) take `objective`'s values;
+    `--snr_gamma 0` means off."""
+    names = names or tuple(f.name for f in dataclasses.fields(ObjectiveConfig))
+    values = {name: getattr(objective, name) for name in names if getattr(cfg, name) is None}
     cfg = dataclasses.replace(cfg, **values)
     if cfg.snr_gamma == 0:
         cfg = dataclasses.replace(cfg, snr_gamma=None)

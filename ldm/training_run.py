@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel
 
 from ldm import checkpoint as ckpt
 from ldm.cache import TextEmbeddingCache, first_moments
-from ldm.config import TrainConfig, save_config
+from ldm.config import TrainConfig, default_config, save_config
 from ldm.evaluation import evaluate_pipeline, held_out_cases, save_report, summary
 from ldm.images import labelled_grid
 from ldm.lora import save_lora, trainable_parameters
@@ -188,7 +188,7 @@ def save_pipeline(pipe: DiffusionPipeline, cfg: TrainConfig, *, train_te: bool, 
         write_training_curves(out)
     grids = sorted((out / "samples").glob("step_*.png"))
     captions = [c for cell in captions for c in ([cell] if isinstance(cell, str) else cell)]  # cells may hold several
-    write_model_card(out, cfg.to_dict(), run_info=run_info, defaults=TrainConfig().to_dict(),
+    write_model_card(out, cfg.to_dict(), run_info=run_info, defaults=default_config(cfg).to_dict(),
                      data_stats={"source": cfg.train_data_dir or cfg.dataset_name or "built-in shapes",
                                  "size": run_info.get("num_examples"),
                                  **({"captions": caption_stats(captions)} if captions else {})},  # none: unknown

@@ -37,8 +37,24 @@ def test_no_flags_gives_dataclass_defaults_with_the_presets_objective():
         timestep_bias_multiplier=tiny.timestep_bias_multiplier, timestep_bias_portion=tiny.timestep_bias_portion,
         timestep_bias_end_multiplier=tiny.timestep_bias_end_multiplier,
         train_text_encoder=tiny.train_text_encoder, text_encoder_lr=tiny.text_encoder_lr,
-        train_token_embedding=tiny.train_token_embedding)
+        train_token_embedding=tiny.train_token_embedding, learning_rate=tiny.learning_rate,
+        max_train_steps=tiny.max_train_steps)
     assert resolve_train_config([]) == expected
+    assert (expected.learning_rate, expected.max_train_steps) == (1e-3, 3600)
+
+
+def test_the_dit_preset_trains_longer_and_faster_unless_told_otherwise(tmp_path):
+    """tiny-dit's recipe (4,400 steps at 2e-3: tiny's wall time); flags win; fine-tuning a
+    pretrained model keeps the usual defaults whatever the preset."""
+    cfg = resolve_train_config(["--preset", "tiny-dit"])
+    assert (cfg.learning_rate, cfg.max_train_steps) == (2e-3, 4400)
+    cfg = resolve_train_config(["--preset", "tiny-dit", "--learning_rate", "5e-4", "--max_train_steps", "10"])
+    assert (cfg.learning_rate, cfg.max_train_steps) == (5e-4, 10)
+    cfg = resolve_train_config(["--preset", "tiny-dit", "--pretrained_model_name_or_path",
+                                str(pipeline_folder(tmp_path / "sd"))])
+    assert (cfg.learning_rate, cfg.max_train_steps) == (1e-3, 3600)
+    with pytest.raises(UsageError, match="--max_train_steps must be >= 1, got 0"):
+        resolve_train_config(["--preset", "tiny-dit", "--max_train_steps", "0"])
 
 
 def test_objective_comes_from_the_preset_unless_given(tmp_path):
@@ -271,7 +287,7 @@ def test_yaml_is_read(tmp_path):
     assert cfg.validation_prompts == ["p"]
     assert cfg.learning_rate == 0.0005
     assert cfg.config == path
-    assert cfg.max_train_steps == TrainConfig().max_train_steps  # keys not in the file keep defaults
+    assert cfg.max_train_steps == model_preset("tiny").objective.max_train_steps  # keys not in the file keep defaults
 
 
 @pytest.mark.parametrize("order", ["config_first", "config_last"])
@@ -455,7 +471,7 @@ def test_presets_are_fresh_and_frozen():
 
 
 @pytest.mark.parametrize("text", ["train_batch_size: 1.5\n", "use_ema: maybe\n", "seed: [1, 2]\n",
-                                  "max_train_steps:\n"])
+                                  "gradient_accumulation_steps:\n"])
 def test_bad_yaml_values_name_the_key(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)
