@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ldm.cache import LatentCache, Preprocess, TextEmbeddingCache, content_hash, weights_hash
+from ldm.cache import LatentCache, Preprocess, content_hash, weights_hash
+from ldm.text_cache import TextEmbeddingCache
 from ldm.data import collate_latents, image_transform
 from ldm.diffusion import add_noise, gather, training_target
 from ldm.draws import categorical, randn, sample_generators

@@ -20,7 +20,8 @@ from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 
 from ldm import checkpoint as ckpt
-from ldm.cache import TextEmbeddingCache, first_moments
+from ldm.cache import first_moments
+from ldm.text_cache import TextEmbeddingCache
 from ldm.config import TrainConfig, default_config, save_config
 from ldm.evaluation import evaluate_pipeline, held_out_cases, save_report, summary
 from ldm.images import labelled_grid

@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm.buckets import resize_and_crop, to_tensor
-from ldm.cache import (LatentCache, Preprocess, TextEmbeddingCache, batch_slices, content_hash, latent_items,
-                       unique_captions, weights_hash)
+from ldm.cache import LatentCache, Preprocess, batch_slices, content_hash, latent_items, weights_hash
+from ldm.text_cache import TextEmbeddingCache, unique_captions
 from ldm.data import CachedLatents, collate_latents, image_transform, training_dataloader
 from ldm.presets import model_preset
 from ldm.synthetic import make_examples

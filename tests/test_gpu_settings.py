@@ -11,7 +11,7 @@ import torch
 from accelerate import init_empty_weights
 
 from ldm.attention import attention_head_dims, check_flash_kernels, sdpa_kernels
-from ldm.cache import TextEmbeddingCache
+from ldm.text_cache import TextEmbeddingCache
 from ldm.models import build_unet
 from ldm.presets import model_preset
 from ldm.runtime import (compile_repeated_blocks, enable_tf32, requested_mixed_precision, resolve_mixed_precision,
