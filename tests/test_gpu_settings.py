@@ -11,12 +11,12 @@ import torch
 from accelerate import init_empty_weights
 
 from ldm.attention import attention_head_dims, check_flash_kernels, sdpa_kernels
-from ldm.text_cache import TextEmbeddingCache
 from ldm.models import build_unet
 from ldm.presets import model_preset
 from ldm.runtime import (compile_repeated_blocks, enable_tf32, requested_mixed_precision, resolve_mixed_precision,
                          use_channels_last)
 from ldm.text import build_clip_tokenizer, build_text_encoder, encode_tokens, tokenize
+from ldm.text_cache import TextEmbeddingCache
 
 
 @pytest.mark.parametrize("asked, device, bf16, expected", [

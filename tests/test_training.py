@@ -331,3 +331,35 @@ def test_cpu_threads_come_from_the_flag_then_the_environment_then_the_cores(monk
                 use_cpu_cores(1)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 1.0 - 5e-7, 3.0, float("nan")])
+def test_clip_gradients_gives_accelerates_norm_and_gradients_bit_for_bit(scale):
+    """The CPU path that skips the multiply by 1 gives what `accelerator.clip_grad_norm_` gives:
+    under, at (where torch's 1e-6 still scales by 0.999999), just under and over the limit, and NaN."""
+    from accelerate import Accelerator
+
+    from ldm.training_run import clip_gradients
+
+    accelerator = Accelerator(cpu=True)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=g) for shape in [(7, 5), (5,), (3, 3, 2, 2)]]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))
+    grads = [x * (scale / total) for x in grads]  # total norm ~= scale
+
+    def params() -> list[torch.nn.Parameter]:
+        ps = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+        for p, x in zip(ps, grads):
+            p.grad = x.clone()
+        return ps
+
+    ours, theirs = params(), params()
+    norm = clip_gradients(accelerator, ours, 1.0)
+    expected = accelerator.clip_grad_norm_(theirs, 1.0)
+    assert torch.equal(norm, expected) or (norm.isnan() and expected.isnan())
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
+    if scale == 3.0:
+        assert abs(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours])).item() - 1.0) < 1e-5
+    if scale == 0.1:
+        assert all(torch.equal(p.grad, x) for p, x in zip(ours, grads))  # untouched

@@ -59,8 +59,8 @@ from ldm.runtime import GracefulStop, StopRequested, effective_global_batch, gpu
 from ldm.schedulers import make_sampler, training_scheduler
 from ldm.text import drop_captions, encode_tokens, tokenize
 from ldm.trace import StepTrace
-from ldm.training_run import (all_finite, cache_text, check_first_stage, ema_weights, save_pipeline, start, validate,
-                              write_run_files)
+from ldm.training_run import (all_finite, cache_text, check_first_stage, clip_gradients, ema_weights, save_pipeline,
+                              start, validate, write_run_files)
 from ldm.validation_loss import (caption_encoder, encode_held_out, eval_mode, fixed_captions,
                                  timestep_grid, validation_data, validation_loss, validation_summary)
 from pipelines import TextToImagePipeline
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> Path:
                     bad_update = True
                 if accelerator.sync_gradients:
                     params = [p for g in optimizer.param_groups for p in g["params"]]
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if not bad_update else None
+                    grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm) if not bad_update else None
                     # fp16's grad scaler handles overflowing gradients itself (skip + lower scale)
                     if grad_norm is not None and accelerator.scaler is None and not torch.isfinite(grad_norm):
                         bad_update = True
