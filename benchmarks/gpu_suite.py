@@ -243,8 +243,8 @@ def sampling_bench(comps, *, steps: int, resolution: int, repeats: int, device: 
         call(ours, 2), call(theirs, 2)  # warm-up (kernels, allocator)
         times = {"ours": [], "diffusers": []}
         images = {}
-        for _ in range(repeats):
-            for name, pipe in (("ours", ours), ("diffusers", theirs)):
+        for i in range(repeats):  # alternating order, so that a busy machine slows both alike
+            for name, pipe in (("ours", ours), ("diffusers", theirs))[:: 1 if i % 2 == 0 else -1]:
                 sync(device)
                 t0 = time.perf_counter()
                 images[name] = call(pipe, steps)
