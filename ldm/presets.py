@@ -194,8 +194,9 @@ def _tiny_dit() -> ModelConfig:
     Width 128 (4 heads of 32) and 6 blocks cost about a `tiny` U-Net step on a CPU with fewer
     FLOPs (benchmarks/dit_scaling.py; figures in benchmarks/results/README.md). Same data, first
     stage, text encoder, noise schedule and objective, so the two backbones compare directly.
-    Its recipe: 4,400 steps, the wall time of tiny's 3,600 (2,400 left it undertrained), at 2e-3
-    (three seeds 80.0% at 1e-3; benchmarks/results/README.md, the DiT sections)."""
+    Its recipe: 4,400 steps, the wall time of tiny's 3,600 (2,400 left it undertrained), at 2e-3:
+    better than 1e-3, and a step back from 4e-3, where training fails (benchmarks/results/README.md,
+    the DiT sections)."""
     tiny = _tiny()
     return replace(tiny, unet=None, dit=DiTConfig(patch_size=2, num_layers=6, num_attention_heads=4,
                                                   attention_head_dim=32),
