@@ -49,12 +49,14 @@ def main(argv: list[str] | None = None) -> dict:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workload", choices=sorted(peer_speed.WORKLOADS), help="build peer_speed.py's folder")
     source.add_argument("--model", help="a Stable Diffusion folder (diffusers layout)")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the workload's; needed with --model)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="pixels (default: the workload's; needed with --model)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per pipeline")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--work_dir", default="/tmp/peer_speed", help="where --workload's folder is built")
-    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/sampling_speed_<name>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default: benchmarks/results/sampling_speed_<name>.json)")
     args = parser.parse_args(argv)
     if args.model:
         folder, name = Path(args.model), Path(args.model).name
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "sampling_speed", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "commit": gpu_suite.git_commit(), "machine": platform.processor() or platform.machine(),
               "threads": args.threads, "model": str(folder), "workload": args.workload,
-              "command": " ".join(["python", "benchmarks/sampling_speed.py", *(argv if argv is not None else sys.argv[1:])]),
+              "command": " ".join(["python", "benchmarks/sampling_speed.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
               "versions": gpu_suite.versions(), **bench}
     print(f"{name}: ours {bench['ours_latency_s']:.2f} s, diffusers {bench['diffusers_latency_s']:.2f} s "
           f"(medians of {args.repeats}, {args.steps} DDIM steps, {resolution} px); diffusers / ours = "

@@ -169,9 +169,9 @@ def model_card(config: dict[str, Any], *, run_info: dict[str, Any] | None = None
     (global_step, num_processes, wall_time_s, ...); data_stats: {"source", "size", "captions":
     caption_stats(...)}; metrics: {"final_loss", "val_loss", "held_out": eval.json's report};
     grid: the last sample grid's path relative to the folder; defaults: the config's defaults
-    (`ldm.config.default_config(cfg).to_dict()`), for the non-default settings; base_model: default the config's
-    pretrained_model_name_or_path; model_path: the path the loading examples use (default the
-    config's output_dir)."""
+    (`ldm.config.default_config(cfg).to_dict()`), for the non-default settings; base_model:
+    default the config's pretrained_model_name_or_path; model_path: the path the loading examples
+    use (default the config's output_dir)."""
     run_info, data_stats, metrics = run_info or {}, data_stats or {}, dict(metrics or {})
     if metrics.get("final_loss") is None and run_info.get("final_loss") is not None:
         metrics["final_loss"] = run_info["final_loss"]

@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, parse_flag_from_env
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 
 from ldm import checkpoint as ckpt
 from ldm.cache import first_moments
-from ldm.text_cache import TextEmbeddingCache
 from ldm.config import TrainConfig, default_config, save_config
 from ldm.evaluation import evaluate_pipeline, held_out_cases, save_report, summary
 from ldm.images import labelled_grid
@@ -32,6 +31,7 @@ from ldm.presets import ModelConfig
 from ldm.run_folder import clear_run_files
 from ldm.runtime import (GracefulStop, StopRequested, requested_mixed_precision, resolve_mixed_precision,
                          use_cpu_cores)
+from ldm.text_cache import TextEmbeddingCache
 from ldm.vae_utils import first_stage_fit
 
 logger = get_logger("train_ldm")  # the script's name in every log line
@@ -50,8 +50,6 @@ def clip_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter], m
     `max_norm`. On a plain CPU run (one process or DDP), gradients already within the limit are
     left alone instead of multiplied by 1 (the same bits; a tiny U-Net's gradients usually are,
     and the multiply is ~2% of its step); there the check's `.item()` costs no device sync."""
-    from accelerate.utils import DistributedType
-
     if accelerator.device.type != "cpu" or accelerator.distributed_type not in (DistributedType.NO,
                                                                                   DistributedType.MULTI_CPU):
         return accelerator.clip_grad_norm_(params, max_norm)
