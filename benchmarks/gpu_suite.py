@@ -22,6 +22,8 @@ the others still run; a section that would overrun --budget_s is skipped and say
               (interleaved, median) and the largest pixel difference of their images.
   lora        LoRA rank 4 on the U-Net's attention, batch 1, frozen VAE and text encoder in
               bf16, the image encoded every step: peak memory and step time.
+  loop_syncs  training/train_ldm.py's own loop (tiny preset) under torch's CUDA sync debug mode:
+              host-device syncs per optimizer step and where they come from (target: at most one).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import contextlib
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -298,6 +301,57 @@ def lora_bench(comps, *, resolution: int, rank: int, steps: int, device: torch.d
             "peak_memory_gib": None if device.type != "cuda" else peak_memory(device) / 2**30}
 
 
+def loop_sync_bench(device: torch.device, *, steps: int) -> dict:
+    """training/train_ldm.py's own loop (tiny preset, built-in data, the run's defaults: bf16 on a
+    GPU) with torch's CUDA sync debug mode on: the host-device syncs of each optimizer step, counted
+    between two steps' `StepTally.read` (the first and last steps, with start-up and end-of-run
+    work, are left out) and where they come from. On a CPU (--smoke) nothing syncs: the loop only
+    runs end to end."""
+    import tempfile
+    import traceback as tb
+    import warnings
+    from collections import Counter
+
+    import ldm.step_tally as step_tally
+    import training.train_ldm as train_ldm
+
+    events: list[str] = []
+    read = step_tally.StepTally.read
+
+    def marked(self, *a, **k):
+        events.append("STEP")
+        return read(self, *a, **k)
+
+    def on_warning(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            ours = [f for f in tb.extract_stack()[:-1] if f.filename.startswith(str(REPO))]
+            events.append(f"{Path(ours[-1].filename).name}:{ours[-1].name}:{ours[-1].lineno}" if ours else "elsewhere")
+
+    step_tally.StepTally.read = marked
+    if device.type == "cpu":  # --smoke on a machine with a GPU: the run stays on the CPU too
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = on_warning
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            t0 = time.perf_counter()
+            train_ldm.main(["--preset", "tiny", "--output_dir", tmp, "--max_train_steps", str(steps),
+                            "--train_batch_size", "8", "--builtin_num_images", "48", "--validation_steps", "0",
+                            "--num_validation_images", "0", "--eval_images_per_case", "0", "--report_to", "none"])
+            wall = time.perf_counter() - t0
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+        step_tally.StepTally.read = read
+    marks = [i for i, e in enumerate(events) if e == "STEP"]
+    per_step = [events[a + 1:b] for a, b in zip(marks, marks[1:-1])]
+    return {"preset": "tiny", "steps": len(marks), "run_s": wall, "counted": device.type == "cuda",
+            "syncs_per_step": [len(s) for s in per_step], "target_max": 1,
+            "where": dict(Counter(e for s in per_step for e in s))}
+
+
 # ----------------------------------------------------------------------------- driver
 def versions() -> dict:
     import accelerate
@@ -397,6 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                repeats=1 if smoke else 3, device=device, dtype=sample_dtype), 30)
     section("lora", lambda: lora_bench(comps, resolution=resolution, rank=4, steps=2 if smoke else 5, device=device,
                                        dtype=sample_dtype), 20)
+    section("loop_syncs", lambda: loop_sync_bench(device, steps=4 if smoke else 12), 60)
     result["wall_s"] = time.monotonic() - started
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / (
         f"gpu_suite_{'smoke' if smoke else name.replace(' ', '_')}_{datetime.date.today().isoformat()}.json")

@@ -227,7 +227,7 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "text": [e["text"] for e in examples],
     }
     if "index" in examples[0]:
-        batch["index"] = torch.tensor([e["index"] for e in examples])
+        batch["index"] = [e["index"] for e in examples]  # host ints: the keys of the draws (`ldm.draws`)
     if "mask" in examples[0]:  # loss masks, (B, 1, R, R) in [0, 1] (ldm.masks)
         batch["mask"] = torch.stack([e["mask"] for e in examples])
     return batch
@@ -321,7 +321,7 @@ def set_loader_epoch(dataloader, epoch: int) -> None:
 
 def collate_latents(examples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {"moments": torch.stack([e["moments"] for e in examples]), "text": [e["text"] for e in examples],
-             "index": torch.tensor([e["index"] for e in examples])}
+             "index": [e["index"] for e in examples]}  # host ints, as `collate`
     if "mask" in examples[0]:  # (B, 1, h, w) at latent resolution (ldm.masks)
         batch["mask"] = torch.stack([e["mask"] for e in examples])
     return batch
@@ -332,11 +332,11 @@ def training_dataloader(dataset, *, resolution: int, batch_size: int, seed: int,
                         cache_latents: bool = False, cache_dir: str | None = None, cache_in_memory: bool = True,
                         center_crop: bool = True, random_flip: bool = False, num_workers: int = 0,
                         rank: int = 0, world_size: int = 1, wait_for_everyone: Callable[[], None] | None = None,
-                        should_stop: Callable[[], None] | None = None, num_instance: int | None = None
-                        ) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler | None]:
+                        should_stop: Callable[[], None] | None = None, num_instance: int | None = None,
+                        pin_memory: bool = False) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler | None]:
     """The training batches of a captioned `datasets.Dataset`: (loader, bucket sampler or None).
 
-    Batches hold "text" (caption cells), "index" (the row: the key of its random draws) and either
+    Batches hold "text" (caption cells), "index" (the rows, host ints: the keys of their random draws) and either
     "pixel_values" (B, 3, H, W) in [-1, 1] or, with latents cached, "moments" (B, 2C, h, w).
     - bucket_divisor: aspect-ratio buckets (`ldm.buckets`) with sides multiples of it, batches of
       one bucket from a `BucketBatchSampler` already sharded for process `rank` of `world_size`
@@ -351,6 +351,7 @@ def training_dataloader(dataset, *, resolution: int, batch_size: int, seed: int,
     - num_instance: prior preservation (`ldm.prior`): the first num_instance rows are the
       instances, the rest class images; each batch holds batch_size of each (instances first)
       and "prior", a list of bools. Square images only.
+    - pin_memory: batches in pinned memory, so that their copy to a GPU does not make the host wait.
     """
     from ldm.cache import LatentCache, latent_items  # ldm.cache builds on this module
 
@@ -388,6 +389,7 @@ def training_dataloader(dataset, *, resolution: int, batch_size: int, seed: int,
     if buckets:
         sampler = BucketBatchSampler(buckets, batch_size, seed=seed, num_replicas=world_size, rank=rank)
         return torch.utils.data.DataLoader(dataset, collate_fn=collate_fn, num_workers=num_workers,
-                                           batch_sampler=sampler), sampler
+                                           batch_sampler=sampler, pin_memory=pin_memory), sampler
     return torch.utils.data.DataLoader(dataset, collate_fn=collate_fn, num_workers=num_workers, batch_size=batch_size,
-                                       shuffle=True, generator=torch.Generator().manual_seed(seed)), None
+                                       shuffle=True, generator=torch.Generator().manual_seed(seed),
+                                       pin_memory=pin_memory), None

@@ -13,7 +13,8 @@ argument in place.
 from __future__ import annotations
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
+
+from ldm.draws import randn
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -101,7 +102,7 @@ def offset_noise(noise: torch.Tensor, offset: float,
     if offset == 0.0:
         return noise
     shape = noise.shape[:2] + (1,) * (noise.ndim - 2)
-    return noise + offset * randn_tensor(shape, generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + offset * randn(shape, generator, noise.device, noise.dtype)
 
 
 def perturb_noise(noise: torch.Tensor, strength: float,
@@ -111,7 +112,7 @@ def perturb_noise(noise: torch.Tensor, strength: float,
     computed from the unperturbed `noise`, which is what makes it a perturbation."""
     if strength == 0.0:
         return noise
-    return noise + strength * randn_tensor(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + strength * randn(noise.shape, generator, noise.device, noise.dtype)
 
 
 def timestep_probabilities(num_timesteps: int, strategy: str = "none", multiplier: float = 1.0,

@@ -5,7 +5,8 @@ set), so what a sample draws (posterior noise, diffusion noise, timestep, captio
 of its captions) does not depend on the batch it landed in, the number of processes, gradient
 accumulation, data-loader workers or a resume. One process with global batch B and two with B/2
 each therefore train on exactly the same draws (tests/test_reliability.py checks the weights).
-Generators live on the CPU; draws are moved to the compute device (tiny next to a forward pass).
+Generators live on the CPU; draws are moved to the compute device (tiny next to a forward pass)
+by `to_device`, which never makes the host wait for the device.
 """
 
 from __future__ import annotations
@@ -28,12 +29,32 @@ def sample_generators(seed: int, step: int, indices: Sequence[int]) -> list[torc
     return [torch.Generator().manual_seed(sample_seed(seed, step, int(i))) for i in indices]
 
 
-def randn(shape: Sequence[int], generators: list[torch.Generator], device: torch.device | str = "cpu",
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, ...) standard normal, row b drawn from generators[b] (diffusers' `randn_tensor`)."""
-    if len(generators) != shape[0]:
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor.to(device)` without a host-device sync. A plain copy from (pageable) CPU memory to a
+    CUDA device waits for every kernel already queued; staged in pinned memory, the copy is queued
+    like a kernel and the host runs on (torch's pinned allocator keeps the buffer until it is done)."""
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def randn(shape: Sequence[int], generators: torch.Generator | list[torch.Generator] | None,
+          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, ...) standard normal, as diffusers' `randn_tensor`: row b drawn from generators[b] (a list),
+    or all from one generator (None: the device's default one). Drawn where the generator lives,
+    then moved by `to_device`."""
+    if isinstance(generators, list) and len(generators) != shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
-    return randn_tensor(tuple(shape), generator=generators, device=torch.device(device), dtype=dtype)
+    first = generators[0] if isinstance(generators, list) else generators
+    where = first.device if first is not None else torch.device(device)
+    return to_device(randn_tensor(tuple(shape), generator=generators, device=where, dtype=dtype), device)
+
+
+def sample_posterior(posterior, generators: list[torch.Generator]) -> torch.Tensor:
+    """z ~ q(z|x): diffusers' `DiagonalGaussianDistribution.sample` (mean + std * eps), eps from `randn`."""
+    params = posterior.parameters
+    return posterior.mean + posterior.std * randn(posterior.mean.shape, generators, params.device, params.dtype)
 
 
 def categorical(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ldm.datacheck import folder_rows
+from ldm.draws import to_device
 from ldm.errors import UsageError
 
 MANIFEST = "class_images.json"
@@ -176,7 +177,7 @@ def prior_preservation_loss(loss: torch.Tensor, is_class: Sequence[bool] | None,
     train_dreambooth); None: the plain mean. An empty half counts 0."""
     if is_class is None:
         return loss.mean()
-    cls = torch.tensor(is_class, device=loss.device, dtype=loss.dtype)
+    cls = to_device(torch.tensor(is_class, dtype=loss.dtype), loss.device)
     inst = 1 - cls
     return ((loss * inst).sum() / inst.sum().clamp_min(1)
             + weight * (loss * cls).sum() / cls.sum().clamp_min(1))

@@ -25,17 +25,16 @@ class StepTrace:
         self._reset()
 
     def _reset(self) -> None:
-        self.samples, self.indices = hashlib.sha1(), []
+        self.samples = hashlib.sha1()
 
-    def add(self, captions: list[str], indices: list[int]) -> None:
-        """One micro-batch: this process's captions, every process's sample indices."""
+    def add(self, captions: list[str]) -> None:
+        """One micro-batch: this process's captions."""
         self.samples.update(json.dumps(captions).encode())
-        self.indices += indices
 
-    def write(self, step: int, logs: dict) -> None:
-        """The line of optimizer step `step`; starts the next step's record."""
+    def write(self, step: int, logs: dict, indices: list[int]) -> None:
+        """The line of optimizer step `step` with every process's sample indices; starts the next step's record."""
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"step": step, **logs, "samples": self.samples.hexdigest()[:16],
-                                     "indices": self.indices}) + "\n")
+                                     "indices": indices}) + "\n")
         self._reset()

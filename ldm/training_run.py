@@ -126,8 +126,9 @@ def start(cfg: TrainConfig) -> tuple[Accelerator, TrainConfig]:
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        # Same shuffled order on every process (each takes its own shard), reseeded per epoch.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Same shuffled order on every process (each takes its own shard), reseeded per epoch; on
+        # a GPU, batches (pinned by the loader) are copied without making the host wait.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=device.type == "cuda"),
     )
     for noisy in ("httpx", "datasets", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -90,7 +90,7 @@ def test_miss_then_hit_and_moments_equal_a_fresh_encode(vae, images, tmp_path):
     lazy = cache.dataset(items, captions, in_memory=False)
     batch = collate_latents([lazy[i] for i in range(3)])
     assert torch.equal(batch["moments"], reference[:3])
-    assert batch["text"] == captions[:3] and batch["index"].tolist() == [0, 1, 2]
+    assert batch["text"] == captions[:3] and batch["index"] == [0, 1, 2]
 
 
 def test_preprocess_is_the_training_transform():
@@ -284,15 +284,15 @@ def test_training_dataloader_caches_on_disk_or_in_memory_alike(vae, images, tmp_
     memory, sampler = training_dataloader(ds, **common)
     assert sampler is None
     a, b = list(disk), list(memory)
-    assert [x["index"].tolist() for x in a] == [x["index"].tolist() for x in b]
-    assert sorted(i for x in b for i in x["index"].tolist()) == list(range(13))
+    assert [x["index"] for x in a] == [x["index"] for x in b]
+    assert sorted(i for x in b for i in x["index"]) == list(range(13))
     for x, y in zip(a, b):
         assert x["text"] == y["text"]
         torch.testing.assert_close(x["moments"], y["moments"], rtol=0, atol=1e-4)  # batch rounding only
     assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == 12  # the duplicate: one entry
     pixels, _ = training_dataloader(ds, **{**common, "cache_latents": False})
     first = next(iter(pixels))
-    assert first["pixel_values"].shape == (5, 3, R, R) and first["index"].tolist() == a[0]["index"].tolist()
+    assert first["pixel_values"].shape == (5, 3, R, R) and first["index"] == a[0]["index"]
 
 
 # -------------------------------------------------------------------------------- text

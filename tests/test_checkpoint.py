@@ -119,15 +119,15 @@ def test_step_trace_keeps_the_steps_up_to_the_checkpoint_on_resume(tmp_path):
     path = tmp_path / "train_log.jsonl"
     trace = StepTrace(path)
     for step in (1, 2, 3):
-        trace.add(["a caption"], [step, 10 + step])
-        trace.add(["another"], [20 + step])  # a second micro-batch of the step
-        trace.write(step, {"loss": 0.5})
+        trace.add(["a caption"])
+        trace.add(["another"])  # a second micro-batch of the step
+        trace.write(step, {"loss": 0.5}, [step, 10 + step, 20 + step])
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["step"], r["indices"], r["loss"]) for r in lines] == [(s, [s, 10 + s, 20 + s], 0.5) for s in (1, 2, 3)]
     assert lines[0]["samples"] == lines[1]["samples"] != StepTrace(tmp_path / "other").samples.hexdigest()[:16]
     StepTrace(path, resumed_step=2)  # resumed from checkpoint-2: step 3 is done again
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
-    StepTrace(path, enabled=False).write(9, {})  # another process: leaves the file alone
+    StepTrace(path, enabled=False).write(9, {}, [])  # another process: leaves the file alone
     assert len(path.read_text().splitlines()) == 2
     StepTrace(path)  # a fresh run
     assert path.read_text() == ""

@@ -2,7 +2,10 @@
 
 import torch
 
-from ldm.draws import categorical, randn, sample_generators, sample_seed
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
+
+from ldm.draws import categorical, randn, sample_generators, sample_posterior, sample_seed, to_device
 from ldm.text import drop_captions
 
 
@@ -50,3 +53,28 @@ def test_caption_dropout_per_sample_generators():
     assert 0.18 < out.count("") / 400 < 0.32
     part = drop_captions(caps[100:200], 0.25, sample_generators(0, 1, range(100, 200)))
     assert part == out[100:200]
+
+
+def test_randn_equals_diffusers_randn_tensor_for_every_kind_of_generator():
+    shape = (3, 2, 4, 4)
+    for gen in (lambda: sample_generators(0, 1, [4, 8, 15]), lambda: torch.Generator().manual_seed(3), lambda: None):
+        torch.manual_seed(9)
+        ours = randn(shape, gen(), "cpu", torch.float64)
+        torch.manual_seed(9)
+        theirs = randn_tensor(shape, generator=gen(), device=torch.device("cpu"), dtype=torch.float64)
+        assert ours.dtype == torch.float64 and torch.equal(ours, theirs)
+
+
+def test_sample_posterior_equals_diffusers_sample():
+    moments = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    posterior = DiagonalGaussianDistribution(moments)
+    ours = sample_posterior(posterior, sample_generators(0, 2, [1, 2, 3]))
+    theirs = posterior.sample(generator=sample_generators(0, 2, [1, 2, 3]))
+    assert torch.equal(ours, theirs) and not torch.equal(ours, posterior.mean)
+
+
+def test_to_device_copies_to_the_cpu_as_to_does():
+    x = torch.arange(6.0).reshape(2, 3)
+    y = to_device(x, "cpu")
+    assert torch.equal(y, x) and y.device.type == "cpu"
+    assert to_device(x, torch.device("meta")).device.type == "meta"

@@ -52,3 +52,5 @@ def test_smoke_writes_every_section(tmp_path):
     assert sampling["max_abs_pixel_diff"] == 0.0  # same weights, scheduler and seed: identical images
     lora = bench["lora"]
     assert lora["trainable_parameters"] > 0 and lora["step_s"] > 0
+    loop = bench["loop_syncs"]  # the training script's loop ran (its syncs are counted on a GPU only)
+    assert loop["steps"] == 4 and loop["counted"] is False and loop["syncs_per_step"] == [0, 0]

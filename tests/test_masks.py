@@ -172,7 +172,7 @@ def test_cached_masks_at_latent_resolution_and_a_cache_made_without_masks(tmp_pa
     assert batch["mask"].shape == (4, 1, 16, 16)  # the tiny VAE: f = 2
     expected = torch.zeros(16, 16)
     expected[:, :8] = 1
-    for row, index in enumerate(batch["index"].tolist()):
+    for row, index in enumerate(batch["index"]):
         assert torch.allclose(batch["mask"][row, 0], expected if index % 2 == 0 else torch.ones(16, 16), atol=1e-6)
     assert len(list((tmp_path / "cache" / "masks").rglob("*.safetensors"))) == 1  # two masks, one content
 
@@ -180,7 +180,7 @@ def test_cached_masks_at_latent_resolution_and_a_cache_made_without_masks(tmp_pa
     mirrored.save(root / "0002.mask.png")
     loader, _ = training_dataloader(checked_folder(root), **kw)
     batch = next(iter(loader))
-    row = batch["index"].tolist().index(2)
+    row = batch["index"].index(2)
     assert torch.allclose(batch["mask"][row, 0], 1 - expected, atol=1e-6)
     assert len(list((tmp_path / "cache" / "masks").rglob("*.safetensors"))) == 2
 

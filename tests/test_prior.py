@@ -96,10 +96,10 @@ def test_pairs_concatenate_instances_then_class_examples_with_unique_indices():
     pairs = PriorPairs(view, num_instance=2)
     assert len(pairs) == 3
     collate = PairCollate(lambda items: {"x": torch.cat([e["x"] for e in items]), "text": [e["text"] for e in items],
-                                         "index": torch.tensor([e["index"] for e in items])})
+                                         "index": [e["index"] for e in items]})
     batch = collate([pairs[i] for i in range(3)])
     assert batch["x"].tolist() == [0, 1, 0, 2, 3, 4]  # instance i mod 2, then class image i mod 3
-    assert batch["index"].tolist() == [0, 1, 2, 3, 4, 5] and batch["prior"] == [False] * 3 + [True] * 3
+    assert batch["index"] == [0, 1, 2, 3, 4, 5] and batch["prior"] == [False] * 3 + [True] * 3
     with pytest.raises(ValueError):
         PriorPairs(view, num_instance=5)
 

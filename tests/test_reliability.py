@@ -399,7 +399,7 @@ def test_resume_check_catches_a_data_loader_that_is_not_fast_forwarded(tmp_path)
 
 
 # ------------------------------------------------------------------------------- distributed equivalence
-def launch2(args: list[str]) -> subprocess.CompletedProcess:
+def launch2(args: list[str], script: Path = SCRIPT) -> subprocess.CompletedProcess:
     """Two CPU processes in a gloo group (`accelerate launch --multi_gpu` with ACCELERATE_USE_CPU)."""
     import socket
 
@@ -408,7 +408,7 @@ def launch2(args: list[str]) -> subprocess.CompletedProcess:
         port = s.getsockname()[1]
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
            str(ROOT / "accelerate_config.yaml"), "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(port), str(SCRIPT), *args]
+           "--main_process_port", str(port), str(script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -458,6 +458,28 @@ def test_two_processes_train_the_same_weights_as_one_and_resume_exactly(tmp_path
     launch2(["--output_dir", str(resumed), *BASE, *steps, "--train_batch_size", "4",
              "--resume_from_checkpoint", "latest"])
     assert same_state(two, resumed) == []
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_process_skips_the_update_on_both(tmp_path):
+    """Rank 1's loss is NaN at its 2nd and 3rd micro-batches (rank 0's are finite): both processes
+    skip those two updates, and the run ends with the weights of a one-process run whose loss is
+    NaN at the same steps (float64, as in the test above: the same draws, so within 1e-6). Rank 0
+    learns of it twice: from the gathered loss flags and from the all-reduced (NaN) gradients."""
+    steps = ["--max_train_steps", "5", "--checkpointing_steps", "0", "--cpu_threads", "1", "--train_dtype", "float64"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(["--output_dir", str(one), *BASE, *steps], prelude="BAD = {2, 3}" + NAN_ON_CALLS)
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                      "BAD = {2, 3} if os.environ['RANK'] == '1' else set()\n" + NAN_ON_CALLS
+                      + "T.main(sys.argv[1:])\n")
+    proc = launch2(["--output_dir", str(two), *BASE, *steps, "--train_batch_size", "4"], script=script)
+    assert proc.stderr.count("update skipped") == 2  # logged by the main process, whose own losses were finite
+    infos = [json.loads((f / "run_info.json").read_text()) for f in (one, two)]
+    assert [i["skipped_updates"] for i in infos] == [2, 2] and [i["global_step"] for i in infos] == [5, 5]
+    assert [r["skipped_updates"] for r in trace(two)] == [0, 1, 2, 2, 2]
+    a, b = unet(one), unet(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
 @pytest.mark.slow

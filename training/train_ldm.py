@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -42,7 +42,7 @@ from ldm.config import TrainConfig, resolve_train_config
 from ldm.data import load_captioned_dataset, pick_caption, set_loader_epoch, training_dataloader
 from ldm.diffusion import (add_noise, annealed_multiplier, gather, min_snr_weight, offset_noise, perturb_noise,
                            snr, timestep_probabilities, training_target)
-from ldm.draws import categorical, randn, sample_generators
+from ldm.draws import categorical, randn, sample_generators, sample_posterior, to_device
 from ldm.ema import TrainingEMA
 from ldm.errors import run_cli
 from ldm.lora import trainable_parameters
@@ -57,6 +57,7 @@ from ldm.run_folder import check_output_dir
 from ldm.optimizers import evaluation_weights, make_optimizer, set_train_mode
 from ldm.runtime import GracefulStop, StopRequested, effective_global_batch, gpu_settings, throughput
 from ldm.schedulers import make_sampler, training_scheduler
+from ldm.step_tally import StepTally
 from ldm.text import drop_captions, encode_tokens, tokenize
 from ldm.trace import StepTrace
 from ldm.training_run import (all_finite, cache_text, check_first_stage, clip_gradients, ema_weights, save_pipeline,
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> Path:
             bucket_divisor=image_size_divisor(vae.config, unet.config) if cfg.aspect_buckets else None,
             bucket_no_upscale=cfg.bucket_no_upscale, cache_latents=cfg.cache_latents, cache_dir=cfg.cache_dir,
             cache_in_memory=cfg.cache_in_memory, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
-            num_workers=cfg.dataloader_num_workers, num_instance=num_instance, **procs)
+            num_workers=cfg.dataloader_num_workers, num_instance=num_instance,
+            pin_memory=accelerator.device.type == "cuda", **procs)
         if cfg.cache_text_embeddings and not train_te and not tags.random:  # in memory, or under --cache_dir
             text_cache = cache_text(cfg, accelerator, text_encoder.to(accelerator.device, dtype=weight_dtype),
                                     tokenizer, [*dataset["text"], *held_out_captions], procs)
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
         dataloader = accelerator.prepare(dataloader)
     else:  # already sharded: wrapped (device placement, end-of-epoch accumulation sync), not re-sharded
         dataloader = prepare_data_loader(dataloader, accelerator.device, num_processes=1, process_index=0,
-                                         put_on_device=True)
+                                         put_on_device=True, non_blocking=accelerator.non_blocking)
     # Frozen parts in the compute dtype; the VAE stays float32 under fp16 (SD's VAE overflows).
     if weight_dtype == torch.bfloat16:
         vae.to(dtype=torch.bfloat16)
@@ -283,9 +285,9 @@ def main(argv: list[str] | None = None) -> Path:
                 cfg.max_train_steps, global_batch, num_epochs)
     progress = tqdm(range(cfg.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    loss_sum, loss_count, loss = torch.zeros((), device=accelerator.device), 0, torch.zeros(())
-    bad_update, skipped, consecutive_bad, stopped = False, 0, 0, False
-    step_loss = None
+    tally = StepTally(accelerator.device)  # the step's losses and indices, read once per optimizer step
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    skipped, consecutive_bad, stopped, step_loss = 0, 0, False, None
     for epoch in range(first_epoch, num_epochs):
         if global_step >= cfg.max_train_steps:  # resumed from a checkpoint at or past the end
             break
@@ -297,29 +299,29 @@ def main(argv: list[str] | None = None) -> Path:
             with accelerator.accumulate(unet, text_encoder):
                 # Every draw of a sample comes from its own generator, keyed by (seed, step, index):
                 # the same whatever the batch split, process count or resume (ldm/draws.py).
-                gens = sample_generators(cfg.seed, global_step, batch["index"].tolist())
+                gens = sample_generators(cfg.seed, global_step, batch["index"])
                 with torch.no_grad():  # z ~ q(z|x), scaled: (B, C, H/f, W/f)
                     if "moments" in batch:  # cached posterior parameters
                         posterior = DiagonalGaussianDistribution(batch["moments"].to(accelerator.device))
                     else:
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
-                    latents = posterior.sample(generator=gens).to(train_dtype) * vae.config.scaling_factor
+                    latents = sample_posterior(posterior, gens).to(train_dtype) * vae.config.scaling_factor
                 noise = offset_noise(randn(latents.shape, gens, latents.device, train_dtype), cfg.noise_offset, gens)
                 if cfg.timestep_bias_end_multiplier:  # annealed bias (0 / None: constant): this step's weights
                     timestep_probs = timestep_probabilities(
                         num_timesteps, cfg.timestep_bias_strategy,
                         annealed_multiplier(cfg.timestep_bias_multiplier, cfg.timestep_bias_end_multiplier,
                                             global_step, cfg.max_train_steps), cfg.timestep_bias_portion).float()
-                timesteps = categorical(timestep_probs, gens).to(latents.device)
+                timesteps = to_device(categorical(timestep_probs, gens), latents.device)
                 a_t = gather(alpha_bar, timesteps)  # (B,)
                 noisy = add_noise(latents, perturb_noise(noise, cfg.input_perturbation, gens), a_t)  # x_t, DDPM eq. 4
                 captions = [pick_caption(cell, g) for cell, g in zip(batch["text"], gens)]
                 captions = tag_captions(captions, tags, gens, untouched=batch.get("prior"))  # class prompts stay
                 captions = drop_captions(captions, cfg.caption_dropout, generator=gens)
                 if text_cache is not None:
-                    context = text_cache.lookup(captions).to(accelerator.device, weight_dtype)  # (B, L, D), encoded up front
+                    context = to_device(text_cache.lookup(captions), accelerator.device).to(weight_dtype)  # (B, L, D)
                 else:
-                    ids = tokenize(tokenizer, captions).to(accelerator.device)
+                    ids = to_device(tokenize(tokenizer, captions), accelerator.device)
                     with torch.set_grad_enabled(train_te):
                         context = encode_tokens(text_encoder, ids)  # (B, L, D)
                 pred = denoise(unet, noisy, timesteps, context)  # (B, C, h, w): epsilon or v
@@ -329,31 +331,29 @@ def main(argv: list[str] | None = None) -> Path:
                 if cfg.snr_gamma:
                     loss = loss * min_snr_weight(snr(a_t), cfg.snr_gamma, prediction_type)
                 loss = prior_preservation_loss(loss, batch.get("prior"), cfg.prior_loss_weight)  # mean, or DreamBooth's
-                # A non-finite loss on any process poisons the whole update: no backward, and
-                # optimizer, LR schedule and EMA are left as they were (every process agrees).
-                if all_finite(loss, accelerator):
+                tally.add(loss, batch["index"])
+                trace.add(captions)
+                if not deepspeed or all_finite(loss, accelerator):  # DeepSpeed steps inside backward: check first
                     accelerator.backward(loss)
-                else:
-                    bad_update = True
                 if accelerator.sync_gradients:
                     params = [p for g in optimizer.param_groups for p in g["params"]]
-                    grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm) if not bad_update else None
-                    # fp16's grad scaler handles overflowing gradients itself (skip + lower scale)
-                    if grad_norm is not None and accelerator.scaler is None and not torch.isfinite(grad_norm):
-                        bad_update = True
-                if not bad_update:
-                    optimizer.step()
-                    lr_scheduler.step()
+                    grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm)
+                    # The step's one host-device sync. A non-finite loss (any process) or gradient
+                    # norm skips the update: optimizer, LR schedule and EMA stay as they were. fp16's
+                    # grad scaler handles overflowing gradients itself (skip + lower scale).
+                    report = tally.read(accelerator.num_processes, accelerator.gather,
+                                        grad_norm if accelerator.scaler is None else None, stop.requested)
+                    if report.update:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    elif accelerator.scaler is not None:
+                        accelerator.scaler.update()  # closes the skipped step's unscale_ (and lowers the scale)
                 optimizer.zero_grad(set_to_none=True)
-            trace.add(captions, accelerator.gather(batch["index"].to(accelerator.device)).tolist())  # every process's
-            if not bad_update:
-                loss_sum += loss.detach()
-                loss_count += 1
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            if bad_update:
-                skipped, consecutive_bad, bad_update = skipped + 1, consecutive_bad + 1, False
+            if not report.update:
+                skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
                 logger.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", global_step, skipped)
                 if consecutive_bad >= cfg.max_nonfinite_steps:
                     raise RuntimeError(
@@ -366,13 +366,11 @@ def main(argv: list[str] | None = None) -> Path:
                     ema.step(ema_params[name])
                 if posthoc is not None:
                     posthoc.step(named_trainable(trained))
-            step_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
-            loss_sum.zero_()
-            loss_count = 0
+            step_loss = report.loss
             logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_updates": skipped,
                     **held_out_losses(global_step)}
             accelerator.log(logs, step=global_step)
-            trace.write(global_step, logs)
+            trace.write(global_step, logs, report.indices)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}")
             saved = cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0
@@ -381,7 +379,7 @@ def main(argv: list[str] | None = None) -> Path:
                 save_checkpoint(global_step)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0:
                 validate_with_ema(global_step)
-            if stop.agreed(accelerator):
+            if report.stop:  # every process agrees (the read gathered every process's request)
                 if not saved:
                     save_checkpoint(global_step)
                 stopped = True
