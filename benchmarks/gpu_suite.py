@@ -22,6 +22,10 @@ the others still run; a section that would overrun --budget_s is skipped and say
               (interleaved, median) and the largest pixel difference of their images.
   lora        LoRA rank 4 on the U-Net's attention, batch 1, frozen VAE and text encoder in
               bf16, the image encoded every step: peak memory and step time.
+  data_loading  the training data loader alone on the uncached path (JPEGs decoded, resized,
+              randomly cropped and flipped, pinned, copied): images/s by worker count, and the
+              best of them over the train_step section's fastest images/s (above 1: never the
+              bottleneck; the uncached path also VAE-encodes each batch on the GPU).
   loop_syncs  training/train_ldm.py's own loop (tiny preset) under torch's CUDA sync debug mode:
               host-device syncs per optimizer step and where they come from (target: at most one).
 """
@@ -301,6 +305,49 @@ def lora_bench(comps, *, resolution: int, rank: int, steps: int, device: torch.d
             "peak_memory_gib": None if device.type != "cuda" else peak_memory(device) / 2**30}
 
 
+def data_loading_bench(device: torch.device, *, resolution: int, num_images: int, batch: int,
+                       workers: list[int]) -> dict:
+    """The training data loader on its own, no model: a folder of JPEGs larger than `resolution`
+    (smooth colour fields with noise, which compress like photos), decoded, resized, randomly
+    cropped and flipped (the uncached path: random augmentation rules out cached latents),
+    collated, pinned and copied to the device. Images/s for each worker count, over one epoch
+    after the first batch (the workers' start)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.data import checked_folder, training_dataloader
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        height, width = resolution * 3 // 2, resolution * 5 // 4  # portrait, larger than the crop
+        ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+        for i in range(num_images):
+            colour = rng.uniform(0, 255, (3, 3))  # a linear field per channel
+            field = colour[:, 0, None, None] + colour[:, 1, None, None] * ys + colour[:, 2, None, None] * xs
+            pixels = np.clip(field.transpose(1, 2, 0) / 2 + rng.normal(0, 12, (height, width, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(f"{tmp}/{i:05d}.jpg", quality=90)
+            Path(f"{tmp}/{i:05d}.txt").write_text(f"image {i}")
+        data = checked_folder(tmp)
+        for n in workers:
+            loader, _ = training_dataloader(data, resolution=resolution, batch_size=batch, seed=0, center_crop=False,
+                                            random_flip=True, num_workers=n, pin_memory=device.type == "cuda")
+            seen, t0 = 0, None
+            for k, b in enumerate(loader):
+                b["pixel_values"].to(device, non_blocking=device.type == "cuda")
+                if k == 0:
+                    sync(device)
+                    t0 = time.perf_counter()
+                else:
+                    seen += len(b["index"])
+            sync(device)
+            rows[str(n)] = {"images_per_s": seen / (time.perf_counter() - t0), "images": seen}
+    return {"resolution": resolution, "source_size": [width, height], "batch": batch, "num_images": num_images,
+            "pinned": device.type == "cuda", "workers": rows}
+
+
 def loop_sync_bench(device: torch.device, *, steps: int) -> dict:
     """training/train_ldm.py's own loop (tiny preset, built-in data, the run's defaults: bf16 on a
     GPU) with torch's CUDA sync debug mode on: the host-device syncs of each optimizer step, counted
@@ -451,6 +498,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                repeats=1 if smoke else 3, device=device, dtype=sample_dtype), 30)
     section("lora", lambda: lora_bench(comps, resolution=resolution, rank=4, steps=2 if smoke else 5, device=device,
                                        dtype=sample_dtype), 20)
+    section("data_loading", lambda: data_loading_bench(device, resolution=resolution, num_images=32 if smoke else 512,
+                                                       batch=4 if smoke else 32,
+                                                       workers=[0, 2] if smoke else [0, 4, 8, 12]), 30)
+    loader, step = result["benchmarks"].get("data_loading", {}), result["benchmarks"].get("train_step", {})
+    if "workers" in loader and "variants" in step:  # > 1: the loader outpaces the fastest measured step
+        fastest = max((v["images_per_s"] for v in step["variants"].values() if "images_per_s" in v), default=None)
+        best = max(w["images_per_s"] for w in loader["workers"].values())
+        loader["loader_over_step"] = best / fastest if fastest else None
     section("loop_syncs", lambda: loop_sync_bench(device, steps=4 if smoke else 12), 60)
     result["wall_s"] = time.monotonic() - started
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / (

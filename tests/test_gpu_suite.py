@@ -54,3 +54,6 @@ def test_smoke_writes_every_section(tmp_path):
     assert lora["trainable_parameters"] > 0 and lora["step_s"] > 0
     loop = bench["loop_syncs"]  # the training script's loop ran (its syncs are counted on a GPU only)
     assert loop["steps"] == 4 and loop["counted"] is False and loop["syncs_per_step"] == [0, 0]
+    loading = bench["data_loading"]  # the uncached loader alone: 32 JPEGs, batch 4, 7 batches after the first
+    assert set(loading["workers"]) == {"0", "2"} and all(w["images"] == 28 for w in loading["workers"].values())
+    assert all(w["images_per_s"] > 0 for w in loading["workers"].values()) and loading["loader_over_step"] > 0
