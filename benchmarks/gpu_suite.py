@@ -19,7 +19,8 @@ the others still run; a section that would overrun --budget_s is skipped and say
               with torch.utils.flop_counter and MFU against the GPU's dense bf16 peak.
   sampling    our TextToImagePipeline against diffusers' StableDiffusionPipeline on the same
               weights, DDIM, 50 steps, batch 1, CFG 7.5, one seed, in bf16: latency of each
-              (interleaved, median) and the largest pixel difference of their images.
+              (interleaved, median) and the largest pixel difference of their images; then
+              ours with `enable_gpu_settings` (channels_last, regional torch.compile): latency.
   lora        LoRA rank 4 on the U-Net's attention, batch 1, frozen VAE and text encoder in
               bf16, the image encoded every step: peak memory and step time.
   data_loading  the training data loader alone on the uncached path (JPEGs decoded, resized,
@@ -139,6 +140,14 @@ def head_dims(unet) -> list[int]:
     return sorted({m.inner_dim // m.heads for m in unet.modules() if isinstance(m, Attention)})
 
 
+def uncompile(model: torch.nn.Module) -> None:
+    """Undo regional compilation in place (each block back to eager) and clear dynamo's caches."""
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
 def train_step_bench(comps, *, batch: int, steps: int, warmup: int, device: torch.device, half: torch.dtype | None,
                      variants: list[str], budget: Budget, peak: float | None) -> dict:
     """The U-Net's step on cached latents and text embeddings, per variant."""
@@ -212,10 +221,7 @@ def train_step_bench(comps, *, batch: int, steps: int, warmup: int, device: torc
             "achieved_tflops": flops / step_s / 1e12, "peak_memory_bytes": peak_memory(device),
             "warmup_s": first, "steps_timed": steps, "final_loss": float(loss)}
     if "compiled" in variants:  # back to eager for the sections after this one
-        for m in unet.modules():
-            if getattr(m, "_compiled_call_impl", None) is not None:
-                m._compiled_call_impl = None
-        torch._dynamo.reset()
+        uncompile(unet)
     unet.to(memory_format=torch.contiguous_format)
     del opt
     unet.zero_grad(set_to_none=True)
@@ -223,8 +229,9 @@ def train_step_bench(comps, *, batch: int, steps: int, warmup: int, device: torc
 
 
 def sampling_bench(comps, *, steps: int, resolution: int, repeats: int, device: torch.device,
-                   dtype: torch.dtype) -> dict:
-    """Ours against diffusers' StableDiffusionPipeline: same modules, DDIM, one seed."""
+                   dtype: torch.dtype, compile: bool) -> dict:
+    """Ours against diffusers' StableDiffusionPipeline: same modules, DDIM, one seed; then ours
+    again with `enable_gpu_settings` (channels_last, and regional torch.compile when `compile`)."""
     import numpy as np
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -257,11 +264,32 @@ def sampling_bench(comps, *, steps: int, resolution: int, repeats: int, device: 
                 images[name] = call(pipe, steps)
                 sync(device)
                 times[name].append(time.perf_counter() - t0)
+    try:  # the same call as `python -m pipelines.generate --channels_last [--compile]` makes (outside
+        # inference mode: the memory format change makes new parameter tensors)
+        applied = ours.enable_gpu_settings(channels_last=True, compile=compile)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            call(ours, 2)  # compiles, when asked
+            sync(device)
+            warmup = time.perf_counter() - t0
+            fast = []
+            for _ in range(repeats):
+                sync(device)
+                t0 = time.perf_counter()
+                image = call(ours, steps)
+                sync(device)
+                fast.append(time.perf_counter() - t0)
+    finally:  # the next sections get the plain modules back
+        uncompile(comps.unet)
+        for m in (comps.unet, comps.vae):
+            m.to(memory_format=torch.contiguous_format)
     ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
     return {"sampler": "ddim", "steps": steps, "batch": 1, "guidance_scale": 7.5, "resolution": resolution,
             "dtype": str(dtype).replace("torch.", ""), "ours_latency_s": ours_s, "diffusers_latency_s": theirs_s,
             "diffusers_over_ours": theirs_s / ours_s, "ours_s_all": times["ours"], "diffusers_s_all": times["diffusers"],
-            "max_abs_pixel_diff": float(np.abs(images["ours"] - images["diffusers"]).max())}
+            "max_abs_pixel_diff": float(np.abs(images["ours"] - images["diffusers"]).max()),
+            "gpu_settings": {"applied": applied, "warmup_s": warmup, "latency_s": statistics.median(fast),
+                             "s_all": fast, "max_abs_pixel_diff_vs_plain": float(np.abs(image - images["ours"]).max())}}
 
 
 def lora_bench(comps, *, resolution: int, rank: int, steps: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -495,7 +523,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     section("train_step", train, 60)
     section("sampling", lambda: sampling_bench(comps, steps=3 if smoke else 50, resolution=resolution,
-                                               repeats=1 if smoke else 3, device=device, dtype=sample_dtype), 30)
+                                               repeats=1 if smoke else 3, device=device, dtype=sample_dtype,
+                                               compile=args.compile and not smoke), 30)
     section("lora", lambda: lora_bench(comps, resolution=resolution, rank=4, steps=2 if smoke else 5, device=device,
                                        dtype=sample_dtype), 20)
     section("data_loading", lambda: data_loading_bench(device, resolution=resolution, num_images=32 if smoke else 512,

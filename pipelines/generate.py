@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LoRA folder (with pytorch_lora_weights.safetensors) or .safetensors file to apply")
     parser.add_argument("--batch_size", type=int, default=4, help="images per pipeline call (does not change the images)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights' dtype; auto: bfloat16 on a CUDA GPU that has it, float16 on older ones, "
+                             "float32 on CPU (the VAE decodes in float32 where float16 would overflow)")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                        help="denoiser and VAE in channels_last (default: on for CUDA, off on CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the denoiser's repeated blocks (regional: a short compile, "
+                             "paid by the first batch)")
     parser.add_argument("--out", required=True, help="output folder (created; files of the same name are replaced)")
     return parser
 
@@ -182,6 +190,16 @@ def check_sampler(name: str) -> None:
         raise UsageError(f"--sampler {name!r}: unknown; choose one of {', '.join(sorted(SAMPLERS))}")
 
 
+def sampling_dtype(name: str, device_type: str, bf16_supported: bool) -> str:
+    """--dtype as a torch dtype name; auto: bfloat16 on a CUDA GPU that supports it, float16 on
+    other CUDA GPUs, float32 elsewhere (half precision is slow or unsupported on CPUs)."""
+    if name != "auto":
+        return name
+    if device_type != "cuda":
+        return "float32"
+    return "bfloat16" if bf16_supported else "float16"
+
+
 def native_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     """(height, width): the flags, or the model's native size (U-Net sample_size x VAE scale factor);
     both must be multiples of the VAE's downsampling factor."""
@@ -213,10 +231,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         device = torch.device(args.device)
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from None
-    pipe = TextToImagePipeline.from_pretrained(model).to(device)
+    dtype = sampling_dtype(args.dtype, device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
+    pipe = TextToImagePipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype)).to(device)
     pipe.set_sampler(args.sampler)
     if lora is not None:
         pipe.load_lora_weights(lora)
+    pipe.enable_gpu_settings(channels_last=args.channels_last, compile=args.compile)  # after the LoRA: compiled with it
     pipe.set_progress_bar_config(disable=True)  # one bar over the images instead of one per call
     height, width = native_size(pipe, args.height, args.width)
 

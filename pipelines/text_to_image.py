@@ -32,6 +32,7 @@ from ldm.diffusion import classifier_free_guidance, rescale_guidance
 from ldm.schedulers import diffusers_class, make_sampler, set_timesteps, with_fixes
 from ldm.text import encode_tokens, tokenize, write_bpe_files
 from ldm.models import denoise, vae_scale_factor
+from ldm.runtime import gpu_settings
 from ldm.vae_utils import configure_vae, decode_latents
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -84,6 +85,13 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         ddpm, ddim, dpm++, euler, euler_a, pndm, unipc."""
         self.scheduler = make_sampler(name, self.scheduler.config)
         return self
+
+    def enable_gpu_settings(self, *, channels_last: bool | None = None, compile: bool = False) -> dict:
+        """Training's GPU set-up, for sampling on the pipeline's device: TF32 matmuls on CUDA, the
+        denoiser and VAE in channels_last (None: on for CUDA, off on CPU) and, with `compile`,
+        regional torch.compile of the denoiser's repeated blocks (the first call compiles). Call
+        after `.to(device)`; returns what was applied."""
+        return gpu_settings(self.denoiser, self.vae, self.device, channels_last=channels_last, torch_compile=compile)
 
     def enable_vae_tiling(self, tile_size: int | None = None) -> None:
         """Decode images larger than `tile_size` pixels (default: the VAE config's sample_size) in

@@ -191,3 +191,26 @@ def test_cli_non_pipeline_folder_is_one_line_and_exit_2(tmp_path):
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "model_index.json" in lines[0] and str(tmp_path) in lines[0], run.stderr
+
+
+def test_sampling_dtype_table():
+    from pipelines.generate import sampling_dtype
+
+    assert sampling_dtype("auto", "cpu", False) == "float32"
+    assert sampling_dtype("auto", "cuda", True) == "bfloat16"
+    assert sampling_dtype("auto", "cuda", False) == "float16"
+    assert sampling_dtype("float16", "cpu", False) == "float16"  # asked for: kept
+
+
+def test_gpu_options_keep_the_images(base, tmp_path, caplog):
+    """--channels_last and --compile (regional) change how the denoiser runs, not what it computes;
+    --dtype bfloat16 loads the weights in bf16 (images within bf16's rounding)."""
+    common = ["--model", str(base), "--prompt", "a red circle", "--num_images", "1", "--steps", "2", "--seed", "3"]
+    plain = main([*common, "--out", str(tmp_path / "plain")])
+    with caplog.at_level("INFO"):
+        fast = main([*common, "--channels_last", "--compile", "--out", str(tmp_path / "fast")])
+    assert re.search(r"channels_last on, torch.compile [1-9]\d* U-Net blocks", caplog.text)
+    half = main([*common, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")])
+    a, b, c = (np.asarray(Image.open(paths[0]).convert("RGB")).astype(int) for paths in (plain, fast, half))
+    assert np.abs(a - b).max() <= 1
+    assert 0 < np.abs(a - c).mean() < 8

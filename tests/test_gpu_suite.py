@@ -57,3 +57,6 @@ def test_smoke_writes_every_section(tmp_path):
     loading = bench["data_loading"]  # the uncached loader alone: 32 JPEGs, batch 4, 7 batches after the first
     assert set(loading["workers"]) == {"0", "2"} and all(w["images"] == 28 for w in loading["workers"].values())
     assert all(w["images_per_s"] > 0 for w in loading["workers"].values()) and loading["loader_over_step"] > 0
+    fast = sampling["gpu_settings"]  # channels_last only in the smoke run (no compile on CPU there)
+    assert fast["applied"]["channels_last"] is True and fast["applied"]["compiled_blocks"] == 0
+    assert fast["latency_s"] > 0 and fast["max_abs_pixel_diff_vs_plain"] < 1e-3
