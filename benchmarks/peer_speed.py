@@ -1,14 +1,16 @@
 """Whole-run wall time of our trainer against diffusers' example trainer, side by side.
 
     python benchmarks/peer_speed.py --peer PATH/train_text_to_image.py [--workload tiny|sd_half] [--pairs 3]
+    python benchmarks/peer_speed.py --peer PATH/train_text_to_image.py --workload sd15 --pairs 2   # on a GPU
 
 The peer is diffusers' `examples/text_to_image/train_text_to_image.py`; pass its path (it is not
 copied into this repository). Both sides get the same Stable Diffusion folder (built here with
 diffusers' and transformers' own classes, saved by `StableDiffusionPipeline.save_pretrained`),
 the same captioned image folder (the HF imagefolder layout), batch, steps, resolution, center
-crop without flips, learning rate and constant schedule, min-SNR 5, float32 (`--mixed_precision
-no`), EMA (foreach on both), no validation images, no checkpoints, tensorboard logging (the
-peer cannot switch it off), data loading in the main process, the same torch thread count.
+crop without flips, learning rate and constant schedule, min-SNR 5, the workload's precision
+(`--mixed_precision`: float32 on CPU, bf16 on a GPU), EMA (foreach on both), no validation
+images, no checkpoints, tensorboard logging (the peer cannot switch it off), data loading in the
+main process, the same torch thread count.
 
 Workloads:
   tiny     the tiny preset's architecture (its f2 VAE, 4.15M U-Net), 500 images of 32 px,
@@ -17,6 +19,9 @@ Workloads:
            a 57M two-level U-Net at 64 px (8x8 latents), 64 images, batch 8, 64 steps: the VAE's
            encode costs about half the U-Net's training step, as in SD 1.5 at 512 px (1.12 vs
            2.41 TFLOP per image), which is what caching latents saves.
+  sd15     for a GPU: the sd15 architecture (860M U-Net, CLIP ViT-L/14 text encoder, SD VAE) with
+           random weights, 256 images of 512 px, batch 16, 60 steps, bf16 mixed precision on both
+           sides (issue 21's ">= 1.5x the example on the same GPU").
 
 Runs alternate (ours, peer), (peer, ours), ... so that a machine shared with other jobs slows
 both sides alike; each side first runs once for 2 steps untimed (file caches, the data set's
@@ -52,11 +57,14 @@ class Workload:
     resolution: int
     batch: int
     steps: int
+    mixed_precision: str = "no"
+    gpu: bool = False
 
 
 WORKLOADS = {
     "tiny": Workload("tiny", num_images=500, resolution=32, batch=16, steps=80),
     "sd_half": Workload("sd_half", num_images=64, resolution=64, batch=8, steps=64),
+    "sd15": Workload("sd15", num_images=256, resolution=512, batch=16, steps=60, mixed_precision="bf16", gpu=True),
 }
 LEARNING_RATE = 1e-4
 SNR_GAMMA = 5.0
@@ -109,6 +117,8 @@ def build_model_folder(workload: Workload, path: Path) -> Path:
         cfg = model_preset("tiny")
         comps = build_components(cfg, seed=0)
         comps.vae = load_vae(cfg.pretrained_vae)  # the preset's shipped f2 first stage
+    elif workload.name == "sd15":
+        comps = build_components(model_preset("sd15"), seed=0)
     else:
         cfg = ModelConfig(
             resolution=workload.resolution,
@@ -140,7 +150,7 @@ def our_command(model: Path, data: Path, out: Path, w: Workload, steps: int, thr
             "--resolution", str(w.resolution), "--center_crop", "--no-random_flip",
             "--train_batch_size", str(w.batch), "--max_train_steps", str(steps),
             "--learning_rate", str(LEARNING_RATE), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-            "--snr_gamma", str(SNR_GAMMA), "--caption_dropout", "0", "--use_ema", "--mixed_precision", "no",
+            "--snr_gamma", str(SNR_GAMMA), "--caption_dropout", "0", "--use_ema", "--mixed_precision", w.mixed_precision,
             "--dataloader_num_workers", "0", "--checkpointing_steps", "0", "--validation_steps", "0",
             "--num_validation_images", "0", "--eval_images_per_case", "0", "--report_to", "tensorboard",
             "--seed", "0", "--cpu_threads", str(threads), "--output_dir", str(out)]
@@ -152,7 +162,7 @@ def peer_command(peer: Path, model: Path, data: Path, out: Path, w: Workload, st
             "--resolution", str(w.resolution), "--center_crop",  # no --random_flip
             "--train_batch_size", str(w.batch), "--max_train_steps", str(steps),
             "--learning_rate", str(LEARNING_RATE), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-            "--snr_gamma", str(SNR_GAMMA), "--use_ema", "--foreach_ema", "--mixed_precision", "no",
+            "--snr_gamma", str(SNR_GAMMA), "--use_ema", "--foreach_ema", "--mixed_precision", w.mixed_precision,
             "--dataloader_num_workers", "0", "--checkpointing_steps", str(10 * steps + 1000),
             "--report_to", "tensorboard", "--seed", "0", "--output_dir", str(out)]
 
@@ -187,7 +197,11 @@ def machine() -> dict:
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min_at_start": load, "platform": platform.platform()}
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "load_average_1min_at_start": load,
+            "platform": platform.platform()}
 
 
 def versions() -> dict:
@@ -219,6 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.pairs < 1:
         sys.exit(f"--pairs {args.pairs}: need at least 1")
     w = WORKLOADS[args.workload]
+    if w.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(f"--workload {w.name} needs a CUDA GPU (both sides train in bf16 there)")
     steps = args.steps or w.steps
     work = Path(args.work_dir) / w.name
     model, data = work / "model", work / "data"

@@ -35,8 +35,9 @@ def test_loop_seconds_from_progress_bar():
     assert peer_speed.loop_seconds(log.splitlines()[0]) is None  # unfinished bar
 
 
-def test_both_sides_do_the_same_work(tmp_path):
-    w = peer_speed.WORKLOADS["tiny"]
+@pytest.mark.parametrize("workload", sorted(peer_speed.WORKLOADS))
+def test_both_sides_do_the_same_work(tmp_path, workload):
+    w = peer_speed.WORKLOADS[workload]
     ours = peer_speed.our_command(tmp_path / "m", tmp_path / "d", tmp_path / "o", w, 80, 2)
     peer = peer_speed.peer_command(tmp_path / "p.py", tmp_path / "m", tmp_path / "d", tmp_path / "o", w, 80)
 
@@ -52,3 +53,12 @@ def test_both_sides_do_the_same_work(tmp_path):
     assert "--no-random_flip" in ours and "--random_flip" not in peer
     assert value(ours, "--num_validation_images") == "0" and "--validation_prompts" not in peer
     assert int(value(peer, "--checkpointing_steps")) > 80 and value(ours, "--checkpointing_steps") == "0"
+
+
+
+def test_the_gpu_workload_trains_in_bf16_on_both_sides(tmp_path):
+    w = peer_speed.WORKLOADS["sd15"]
+    assert w.gpu and (w.resolution, w.batch) == (512, 16)
+    for cmd in (peer_speed.our_command(tmp_path / "m", tmp_path / "d", tmp_path / "o", w, 60, 2),
+                peer_speed.peer_command(tmp_path / "p.py", tmp_path / "m", tmp_path / "d", tmp_path / "o", w, 60)):
+        assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
