@@ -3,6 +3,10 @@
 import collections
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,11 +147,6 @@ def test_between_two_optimizer_steps_the_loop_reads_nothing_from_the_device(tmp_
     the innermost function of ours on the stack. On a GPU each such read waits for the queue to
     empty; the loop's only one is the step's `StepTally.read` (benchmarks/gpu_suite.py counts the
     syncs themselves with torch's sync debug mode)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "reads.json"
     code = (f"import sys; sys.path.insert(0, {str(root)!r})\n{READ_COUNTER}\n"
@@ -163,7 +162,8 @@ def test_between_two_optimizer_steps_the_loop_reads_nothing_from_the_device(tmp_
     events = json.loads(out.read_text())
     marks = [i for i, e in enumerate(events) if e == "STEP"]
     assert len(marks) == 6  # one read per optimizer step (two micro-batches each)
-    between = [e for a, b in zip(marks, marks[1:-1]) for e in events[a + 1:b]]  # steps 2-5: none is the last
+    # from step 1's read to step 5's: the start-up before step 1 and the end of the run after the last step left out
+    between = [e for a, b in zip(marks, marks[1:-1]) for e in events[a + 1:b]]
     counts = collections.Counter(e for e in between if e not in HOST_ONLY)
     assert counts == {"step_tally.py:read": 4}, counts
     assert "data.py:pick_caption" in between or "text.py:drop_captions" in between  # the counter does count
