@@ -229,9 +229,10 @@ def train_step_bench(comps, *, batch: int, steps: int, warmup: int, device: torc
 
 
 def sampling_bench(comps, *, steps: int, resolution: int, repeats: int, device: torch.device,
-                   dtype: torch.dtype, compile: bool) -> dict:
-    """Ours against diffusers' StableDiffusionPipeline: same modules, DDIM, one seed; then ours
-    again with `enable_gpu_settings` (channels_last, and regional torch.compile when `compile`)."""
+                   dtype: torch.dtype, gpu_settings: bool = False, compile: bool = False) -> dict:
+    """Ours against diffusers' StableDiffusionPipeline: same modules, DDIM, one seed; with
+    `gpu_settings`, then ours again with `enable_gpu_settings` (channels_last, and regional
+    torch.compile when `compile`)."""
     import numpy as np
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -264,6 +265,14 @@ def sampling_bench(comps, *, steps: int, resolution: int, repeats: int, device: 
                 images[name] = call(pipe, steps)
                 sync(device)
                 times[name].append(time.perf_counter() - t0)
+    result = {"sampler": "ddim", "steps": steps, "batch": 1, "guidance_scale": 7.5, "resolution": resolution,
+              "dtype": str(dtype).replace("torch.", ""), "ours_latency_s": statistics.median(times["ours"]),
+              "diffusers_latency_s": statistics.median(times["diffusers"]), "ours_s_all": times["ours"],
+              "diffusers_s_all": times["diffusers"],
+              "max_abs_pixel_diff": float(np.abs(images["ours"] - images["diffusers"]).max())}
+    result["diffusers_over_ours"] = result["diffusers_latency_s"] / result["ours_latency_s"]
+    if not gpu_settings:
+        return result
     try:  # the same call as `python -m pipelines.generate --channels_last [--compile]` makes (outside
         # inference mode: the memory format change makes new parameter tensors)
         applied = ours.enable_gpu_settings(channels_last=True, compile=compile)
@@ -283,13 +292,9 @@ def sampling_bench(comps, *, steps: int, resolution: int, repeats: int, device: 
         uncompile(comps.unet)
         for m in (comps.unet, comps.vae):
             m.to(memory_format=torch.contiguous_format)
-    ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
-    return {"sampler": "ddim", "steps": steps, "batch": 1, "guidance_scale": 7.5, "resolution": resolution,
-            "dtype": str(dtype).replace("torch.", ""), "ours_latency_s": ours_s, "diffusers_latency_s": theirs_s,
-            "diffusers_over_ours": theirs_s / ours_s, "ours_s_all": times["ours"], "diffusers_s_all": times["diffusers"],
-            "max_abs_pixel_diff": float(np.abs(images["ours"] - images["diffusers"]).max()),
-            "gpu_settings": {"applied": applied, "warmup_s": warmup, "latency_s": statistics.median(fast),
-                             "s_all": fast, "max_abs_pixel_diff_vs_plain": float(np.abs(image - images["ours"]).max())}}
+    return result | {"gpu_settings": {"applied": applied, "warmup_s": warmup, "latency_s": statistics.median(fast),
+                                      "s_all": fast,
+                                      "max_abs_pixel_diff_vs_plain": float(np.abs(image - images["ours"]).max())}}
 
 
 def lora_bench(comps, *, resolution: int, rank: int, steps: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -524,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
     section("train_step", train, 60)
     section("sampling", lambda: sampling_bench(comps, steps=3 if smoke else 50, resolution=resolution,
                                                repeats=1 if smoke else 3, device=device, dtype=sample_dtype,
-                                               compile=args.compile and not smoke), 30)
+                                               gpu_settings=True, compile=args.compile and not smoke), 30)
     section("lora", lambda: lora_bench(comps, resolution=resolution, rank=4, steps=2 if smoke else 5, device=device,
                                        dtype=sample_dtype), 20)
     section("data_loading", lambda: data_loading_bench(device, resolution=resolution, num_images=32 if smoke else 512,
