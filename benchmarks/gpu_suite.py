@@ -140,6 +140,23 @@ def head_dims(unet) -> list[int]:
     return sorted({m.inner_dim // m.heads for m in unet.modules() if isinstance(m, Attention)})
 
 
+def timed_calls(fn, *, warmup: int, repeats: int, device: torch.device) -> tuple[float, list[float], object]:
+    """`fn()` `warmup` times untimed (compilation, allocator), then `repeats` times, each timed
+    between device syncs: (the warm-up's seconds, each timed call's seconds, the last result)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    first, times, out = time.perf_counter() - t0, [], None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return first, times, out
+
+
 def uncompile(model: torch.nn.Module) -> None:
     """Undo regional compilation in place (each block back to eager) and clear dynamo's caches."""
     for m in model.modules():
@@ -203,18 +220,7 @@ def train_step_bench(comps, *, batch: int, steps: int, warmup: int, device: torc
         if variant == "compiled":
             unet.compile_repeated_blocks(fullgraph=True)  # regional: each transformer block, compiled once
         reset_memory(device)
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            step(model)
-        sync(device)
-        first = time.perf_counter() - t0
-        times = []
-        for _ in range(steps):
-            sync(device)
-            t0 = time.perf_counter()
-            loss = step(model)
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        first, times, loss = timed_calls(lambda: step(model), warmup=warmup, repeats=steps, device=device)
         step_s = statistics.median(times)
         results["variants"][variant] = {
             "step_s": step_s, "images_per_s": batch / step_s, "mfu": mfu(flops, step_s, peak),
@@ -223,7 +229,6 @@ def train_step_bench(comps, *, batch: int, steps: int, warmup: int, device: torc
     if "compiled" in variants:  # back to eager for the sections after this one
         uncompile(unet)
     unet.to(memory_format=torch.contiguous_format)
-    del opt
     unet.zero_grad(set_to_none=True)
     return results
 
@@ -276,18 +281,8 @@ def sampling_bench(comps, *, steps: int, resolution: int, repeats: int, device: 
     try:  # the same call as `python -m pipelines.generate --channels_last [--compile]` makes (outside
         # inference mode: the memory format change makes new parameter tensors)
         applied = ours.enable_gpu_settings(channels_last=True, compile=compile)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            call(ours, 2)  # compiles, when asked
-            sync(device)
-            warmup = time.perf_counter() - t0
-            fast = []
-            for _ in range(repeats):
-                sync(device)
-                t0 = time.perf_counter()
-                image = call(ours, steps)
-                sync(device)
-                fast.append(time.perf_counter() - t0)
+        with torch.inference_mode():  # the warm-up call compiles, when asked
+            warmup, fast, image = timed_calls(lambda: call(ours, steps), warmup=1, repeats=repeats, device=device)
     finally:  # the next sections get the plain modules back
         uncompile(comps.unet)
         for m in (comps.unet, comps.vae):
