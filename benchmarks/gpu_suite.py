@@ -386,6 +386,7 @@ def loop_sync_bench(device: torch.device, *, steps: int) -> dict:
     import traceback as tb
     import warnings
     from collections import Counter
+    from unittest import mock
 
     import ldm.step_tally as step_tally
     import training.train_ldm as train_ldm
@@ -402,11 +403,10 @@ def loop_sync_bench(device: torch.device, *, steps: int) -> dict:
             ours = [f for f in tb.extract_stack()[:-1] if f.filename.startswith(str(REPO))]
             events.append(f"{Path(ours[-1].filename).name}:{ours[-1].name}:{ours[-1].lineno}" if ours else "elsewhere")
 
-    step_tally.StepTally.read = marked
-    if device.type == "cpu":  # --smoke on a machine with a GPU: the run stays on the CPU too
-        os.environ["ACCELERATE_USE_CPU"] = "true"
+    cpu = {"ACCELERATE_USE_CPU": "true"} if device.type == "cpu" else {}  # --smoke on a GPU machine: CPU too
     try:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), mock.patch.dict(os.environ, cpu), \
+                mock.patch.object(step_tally.StepTally, "read", marked):
             warnings.simplefilter("always")
             warnings.showwarning = on_warning
             if device.type == "cuda":
@@ -419,7 +419,6 @@ def loop_sync_bench(device: torch.device, *, steps: int) -> dict:
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode(0)
-        step_tally.StepTally.read = read
     marks = [i for i, e in enumerate(events) if e == "STEP"]
     per_step = [events[a + 1:b] for a, b in zip(marks, marks[1:-1])]
     return {"preset": "tiny", "steps": len(marks), "run_s": wall, "counted": device.type == "cuda",
