@@ -29,7 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The longest test (every README and docs command, one after another, ~5 min) runs first: under
+# pytest-xdist a worker that picks it up last keeps the run going alone while the other idles.
+LONGEST_FIRST = ("tests/test_readme.py::test_every_readme_command_runs",)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid not in LONGEST_FIRST)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
