@@ -1,7 +1,7 @@
 """DiT against the tiny U-Net, and a small DiT scaling grid (Peebles & Xie 2023, sec. 5 at toy scale).
 
     python benchmarks/dit_scaling.py                      # params, GFLOPs per image, seconds per step
-    python benchmarks/dit_scaling.py --train [--max_train_steps 2400] [--variants tiny tiny-dit]
+    python benchmarks/dit_scaling.py --train [--variants tiny dit-S/2] [-- --max_train_steps 2400]
     python benchmarks/dit_scaling.py --plot scaling.png --from_json results.json [more.json ...]
 
 For each variant: denoiser parameters, forward GFLOPs per image (torch.utils.flop_counter, one
@@ -13,7 +13,8 @@ tiny, tiny-dit's for every DiT; extra flags after `--` are passed on) into --out
 held-out score read from eval/eval.json.
 
 Variants: `tiny` (U-Net) and DiTs named S or B (width 96 x 4 blocks, 128 x 6 blocks) and their
-patch size (4, 2 or, for S, 1: 256 tokens); B/2 is the `tiny-dit` preset. --plot draws held-out
+patch size (4, 2 or, for S, 1: 256 tokens); S/2 is the `tiny-dit` preset (B/2 was until
+2026-12-07). --plot draws held-out
 score against forward GFLOPs per image, one line per DiT width (the DiT paper's fig. 2 at toy
 scale), from this run's results or from earlier JSON files (--from_json; later files win).
 The DiTs that are not presets are registered as presets in the training process this script
@@ -36,7 +37,7 @@ if __package__ in (None, ""):
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (width, blocks, heads, patch); width = heads x 32 (S: 3 heads, B: 4)
-DITS = {"dit-S/1": (96, 4, 3, 1), "dit-S/2": (96, 4, 3, 2), "dit-S/4": (96, 4, 3, 4), "tiny-dit": (128, 6, 4, 2),
+DITS = {"dit-S/1": (96, 4, 3, 1), "dit-S/2": (96, 4, 3, 2), "dit-S/4": (96, 4, 3, 4), "dit-B/2": (128, 6, 4, 2),
         "dit-B/4": (128, 6, 4, 4)}
 VARIANTS = ["tiny", *DITS]
 

@@ -136,9 +136,9 @@ class TrainConfig:
     # optimisation
     train_batch_size: int = _help("batch size per process", default=32)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
-    max_train_steps: int | None = _help("optimizer steps (default: the preset's: 3,600; tiny-dit 4,400)",
+    max_train_steps: int | None = _help("optimizer steps (default: the preset's: 3,600; tiny-dit 8,000)",
                                         default=None)
-    learning_rate: float | None = _help("peak learning rate (default: the preset's: 1e-3; tiny-dit 2e-3)",
+    learning_rate: float | None = _help("peak learning rate (default: the preset's: 1e-3; tiny-dit 3e-3)",
                                         default=None)
     text_encoder_lr: float | None = _help(
         "text encoder learning rate (default: the preset's when training from scratch, else learning_rate)",

@@ -44,10 +44,10 @@ def test_no_flags_gives_dataclass_defaults_with_the_presets_objective():
 
 
 def test_the_dit_preset_trains_longer_and_faster_unless_told_otherwise(tmp_path):
-    """tiny-dit's recipe (4,400 steps at 2e-3: tiny's wall time); flags win; fine-tuning a
+    """tiny-dit's recipe (8,000 steps at 3e-3: tiny's wall time); flags win; fine-tuning a
     pretrained model keeps the usual defaults whatever the preset."""
     cfg = resolve_train_config(["--preset", "tiny-dit"])
-    assert (cfg.learning_rate, cfg.max_train_steps) == (2e-3, 4400)
+    assert (cfg.learning_rate, cfg.max_train_steps) == (3e-3, 8000)
     cfg = resolve_train_config(["--preset", "tiny-dit", "--learning_rate", "5e-4", "--max_train_steps", "10"])
     assert (cfg.learning_rate, cfg.max_train_steps) == (5e-4, 10)
     cfg = resolve_train_config(["--preset", "tiny-dit", "--pretrained_model_name_or_path",

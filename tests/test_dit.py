@@ -47,7 +47,7 @@ def test_presets():
     # differs, and the rate and length it trains at (tiny's wall time)
     for field in ("resolution", "vae", "text", "noise", "pretrained_vae"):
         assert getattr(tiny_dit, field) == getattr(tiny, field), field
-    assert tiny_dit.objective == dataclasses.replace(tiny.objective, learning_rate=2e-3, max_train_steps=4400)
+    assert tiny_dit.objective == dataclasses.replace(tiny.objective, learning_rate=3e-3, max_train_steps=8000)
     assert model_downsampling(TrainConfig(preset="tiny-dit")) == (2, 2)
     b2 = model_preset("dit-b2")
     assert (b2.resolution, b2.text.hidden_size, b2.vae, b2.dit.width, b2.dit.num_layers) == \
