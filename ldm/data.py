@@ -17,7 +17,7 @@ from torchvision.transforms import functional as TF
 
 from ldm import datacheck
 from ldm.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_and_crop, to_tensor
-from ldm.datacheck import DEFAULT_MAX_IMAGE_PIXELS, SUPPORTED_MODES
+from ldm.datacheck import DEFAULT_MAX_IMAGE_PIXELS
 from ldm.errors import UsageError
 
 logger = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ argparse does for a bad flag). Every other exception is a bug and keeps its trac
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 USAGE_EXIT_CODE = 2  # argparse's
@@ -34,10 +35,8 @@ def check_positive(args: Any, *names: str) -> None:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
 
 
-def existing_folder(flag: str, value: str) -> "Path":
+def existing_folder(flag: str, value: str) -> Path:
     """`value` of `flag` as a Path, which must be a folder."""
-    from pathlib import Path
-
     path = Path(value)
     if not path.is_dir():
         raise UsageError(f"{flag} {value}: {'not a folder' if path.exists() else 'no such folder'}")

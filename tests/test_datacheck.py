@@ -76,7 +76,6 @@ def planted(tmp_path: Path) -> Path:
     pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     pal.save(d / "palette.png", transparency=0); add("palette.png")
     png(d / "bits.png", 1, mode="1"); add("bits.png")
-    good = len(rows)
 
     data = noise_bytes("PNG")
     (d / "cut.png").write_bytes(data[: len(data) // 2]); add("cut.png")
