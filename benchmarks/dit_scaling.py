@@ -16,8 +16,8 @@ Variants: `tiny` (U-Net) and DiTs named S or B (width 96 x 4 blocks, 128 x 6 blo
 patch size (4, 2 or, for S, 1: 256 tokens); S/2 is the `tiny-dit` preset (B/2 was until
 2026-12-07). --plot draws held-out score against forward GFLOPs per image, one line per DiT
 width (the DiT paper's fig. 2 at toy scale), from this run's results or from earlier JSON files
-(--from_json; later files win). The DiTs that are not presets are registered as presets in the training process this script
-starts, so train_ldm trains them unchanged.
+(--from_json; later files win). The DiTs that are not presets are registered as presets in the
+training process this script starts, so train_ldm trains them unchanged.
 """
 
 from __future__ import annotations
